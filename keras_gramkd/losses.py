@@ -1,0 +1,128 @@
+"""Distillation losses as `keras.losses.Loss` subclasses: `LogitKD`, `ModalityGram`.
+
+Both are called as `loss(teacher_outputs, student_outputs)`: the teacher plays
+the part of `y_true`. Both compute in float32 and serialise with `get_config`.
+
+Example:
+
+>>> import numpy as np
+>>> from keras_gramkd.losses import LogitKD, ModalityGram
+>>> t = np.array([[2.0, 0.0, -1.0]], "float32")
+>>> float(LogitKD(temperature=1.0)(t, t))
+0.0
+>>> feats = np.ones((2, 3, 4), "float32")
+>>> float(ModalityGram()(feats, np.ones((2, 3, 9), "float32")))
+0.0
+"""
+
+import math
+
+import keras
+
+from keras_gramkd import ops as kd_ops
+
+
+def check_temperature(temperature):
+    """Returns `temperature` as a float; raises unless it is finite and > 0."""
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise ValueError(
+            f"temperature must be a finite number > 0; got {temperature!r}. "
+            "Typical values are 1 to 8 (4 is a good start)."
+        )
+    return float(temperature)
+
+
+@keras.saving.register_keras_serializable(package="keras_gramkd")
+class LogitKD(keras.losses.Loss):
+    """Hinton logit distillation: T² · mean over the batch of KL(p_t ‖ p_s).
+
+    p = softmax(logits / T), formed with log-softmax in float32 (no clipping).
+    Equals `keras.distillation.LogitsDistillation(temperature=T,
+    loss=keras.losses.KLDivergence())`; beware that keras' default
+    `loss="kl_divergence"` string applies no softmax and no T² factor.
+
+    Args:
+        temperature: softening temperature T > 0.
+        reduction: Keras loss reduction over the per-sample values.
+        name: loss name.
+
+    Example:
+
+    >>> import numpy as np
+    >>> kd = LogitKD(temperature=2.0)
+    >>> t = np.array([[3.0, 0.0]], "float32")
+    >>> s = np.array([[0.0, 3.0]], "float32")
+    >>> round(float(kd(t, s)), 4)
+    3.4302
+    """
+
+    def __init__(
+        self, temperature=4.0, reduction="sum_over_batch_size", name="logit_kd"
+    ):
+        super().__init__(name=name, reduction=reduction, dtype="float32")
+        self.temperature = check_temperature(temperature)
+
+    def get_config(self):
+        return {
+            "temperature": self.temperature,
+            "reduction": self.reduction,
+            "name": self.name,
+        }
+
+    def call(self, teacher_logits, student_logits):
+        return kd_ops.logit_kd(teacher_logits, student_logits, self.temperature)
+
+
+@keras.saving.register_keras_serializable(package="keras_gramkd")
+class ModalityGram(keras.losses.Loss):
+    """Modality-level Gram matrix loss (arXiv 2112.11447).
+
+    Per sample, the M×M Gram matrix of the M modality embeddings of each network
+    is formed (see `keras_gramkd.ops.gram_matrix`), and the loss is the mean of
+    (G_teacher − G_student)² over samples and entries. Teacher and student
+    widths may differ. With `mask` (batch, M) of 0/1, the mean is over present
+    pairs only; a sample with every modality missing adds nothing.
+
+    Args:
+        normalize: `"l2"` (cosine Gram, default), `"none"`, `"dim"` or
+            `"centered"`.
+        name: loss name.
+
+    Call arguments:
+        teacher_features: (batch, M, d_t).
+        student_features: (batch, M, d_s).
+        sample_weight: optional (batch,) sample weights.
+        mask: optional (batch, M) modality mask.
+
+    Example:
+
+    >>> import numpy as np
+    >>> t = np.array([[[1.0, 0.0], [0.0, 1.0]]], "float32")
+    >>> s = np.array([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]], "float32")
+    >>> float(ModalityGram()(t, s))   # off-diagonal 0 vs 1, twice out of 4 entries
+    0.5
+    """
+
+    def __init__(self, normalize="l2", name="modality_gram"):
+        kd_ops.check_gram_normalization(normalize)
+        super().__init__(name=name, dtype="float32")
+        self.normalize = normalize
+
+    def get_config(self):
+        return {"normalize": self.normalize, "name": self.name}
+
+    def __call__(
+        self, teacher_features, student_features, sample_weight=None, mask=None
+    ):
+        return kd_ops.gram_loss(
+            teacher_features,
+            student_features,
+            normalize=self.normalize,
+            mask=mask,
+            sample_weight=sample_weight,
+        )

@@ -1,0 +1,189 @@
+"""Pure `keras.ops` functions behind the losses: Gram matrices, KD, masked means.
+
+Every function here runs unchanged on the TensorFlow, JAX and PyTorch backends,
+computes in float32 whatever the input dtype (so mixed precision is safe), and
+returns finite values for finite inputs (zero vectors included).
+
+Example:
+
+>>> import numpy as np
+>>> from keras_gramkd import ops as kd_ops
+>>> features = np.random.default_rng(0).normal(size=(4, 3, 8)).astype("float32")
+>>> tuple(kd_ops.gram_matrix(features).shape)
+(4, 3, 3)
+"""
+
+from keras import ops
+
+GRAM_NORMALIZATIONS = ("l2", "none", "dim", "centered")
+
+# Squared-norm floor of the row normalisation: a row whose norm is below
+# sqrt(NORM_EPSILON) = 1e-6 is divided by 1e-6 instead, so a zero row stays zero
+# and neither the value nor the gradient is ever NaN.
+NORM_EPSILON = 1e-12
+
+
+def check_gram_normalization(normalize):
+    """Raises a `ValueError` unless `normalize` is one of `GRAM_NORMALIZATIONS`."""
+    if normalize not in GRAM_NORMALIZATIONS:
+        raise ValueError(
+            f"Unknown Gram normalisation {normalize!r}. "
+            f"Use one of {', '.join(repr(n) for n in GRAM_NORMALIZATIONS)}."
+        )
+
+
+def l2_normalize_rows(x, epsilon=NORM_EPSILON):
+    """Divides each vector along the last axis by its L2 norm (floored by epsilon).
+
+    Args:
+        x: tensor (..., d).
+        epsilon: floor of the squared norm; a zero row stays a zero row.
+
+    Returns:
+        float32 tensor of the same shape whose non-zero rows have unit norm.
+    """
+    x = ops.cast(x, "float32")
+    squared_norm = ops.sum(ops.square(x), axis=-1, keepdims=True)
+    return x / ops.sqrt(ops.maximum(squared_norm, epsilon))
+
+
+def pair_mask(mask):
+    """Turns a (batch, M) 0/1 modality mask into the (batch, M, M) pair mask.
+
+    Entry (b, i, j) is 1 when modalities i and j are both present in sample b.
+    """
+    mask = ops.cast(mask, "float32")
+    return ops.expand_dims(mask, 2) * ops.expand_dims(mask, 1)
+
+
+def gram_matrix(features, normalize="l2", mask=None):
+    """Per-sample modality-level Gram matrix G = A·Aᵀ of features A (M×d).
+
+    Args:
+        features: tensor (batch, M, d): M modality embeddings per sample.
+        normalize: `"l2"` divides each modality vector by its L2 norm (the
+            cosine Gram, diagonal 1); `"none"` keeps raw inner products; `"dim"`
+            divides raw inner products by d; `"centered"` subtracts the
+            per-sample mean of the (present) modality vectors, then as `"l2"`.
+        mask: optional (batch, M) 0/1 tensor; rows and columns of missing
+            modalities (0) are zeroed, and they are left out of the
+            `"centered"` mean.
+
+    Returns:
+        float32 tensor (batch, M, M).
+
+    Example:
+
+    >>> import numpy as np
+    >>> a = np.array([[[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]], "float32")
+    >>> np.round(np.asarray(gram_matrix(a)), 3).tolist()
+    [[[1.0, 0.707, 0.0], [0.707, 1.0, 0.0], [0.0, 0.0, 0.0]]]
+    """
+    check_gram_normalization(normalize)
+    features = ops.cast(features, "float32")
+    if len(features.shape) != 3:
+        raise ValueError(
+            "gram_matrix expects features of shape (batch, M, d); got shape "
+            f"{tuple(features.shape)}. Stack per-modality embeddings with "
+            "keras_gramkd.layers.ModalityStack."
+        )
+    row_mask = None if mask is None else ops.expand_dims(ops.cast(mask, "float32"), -1)
+    if row_mask is not None:
+        features = features * row_mask
+    if normalize == "centered":
+        if row_mask is None:
+            mean = ops.mean(features, axis=1, keepdims=True)
+        else:
+            count = ops.maximum(ops.sum(row_mask, axis=1, keepdims=True), 1.0)
+            mean = ops.sum(features, axis=1, keepdims=True) / count
+        features = features - mean
+        if row_mask is not None:
+            features = features * row_mask
+    if normalize in ("l2", "centered"):
+        features = l2_normalize_rows(features)
+    gram = ops.matmul(features, ops.transpose(features, (0, 2, 1)))
+    if normalize == "dim":
+        gram = gram / float(features.shape[-1])
+    if mask is not None:
+        gram = gram * pair_mask(mask)
+    return gram
+
+
+def masked_mean(values, weights=None):
+    """Weighted mean sum(values·weights) / sum(weights); 0 when all weights are 0.
+
+    Args:
+        values: tensor of any shape.
+        weights: tensor broadcastable to `values` (0/1 masks, sample weights),
+            or None for the plain mean.
+
+    Returns:
+        float32 scalar.
+    """
+    values = ops.cast(values, "float32")
+    if weights is None:
+        return ops.mean(values)
+    weights = ops.broadcast_to(ops.cast(weights, "float32"), ops.shape(values))
+    return ops.divide_no_nan(ops.sum(values * weights), ops.sum(weights))
+
+
+def gram_loss(
+    teacher_features, student_features, normalize="l2", mask=None, sample_weight=None
+):
+    """Mean squared difference between teacher and student Gram matrices.
+
+    Teacher and student may have different embedding widths (d_t != d_s): only
+    the M×M matrices are compared.
+
+    Args:
+        teacher_features: (batch, M, d_t).
+        student_features: (batch, M, d_s).
+        normalize: Gram normalisation, see `gram_matrix`.
+        mask: optional (batch, M) 0/1 modality mask; the mean is then over
+            present pairs only, and a sample with no modality adds nothing.
+        sample_weight: optional (batch,) weights of the samples.
+
+    Returns:
+        float32 scalar: the mean over samples and (present) M×M entries.
+    """
+    m_teacher, m_student = teacher_features.shape[1], student_features.shape[1]
+    if m_teacher != m_student:
+        raise ValueError(
+            f"Teacher features have {m_teacher} modalities but student features "
+            f"have {m_student}; the Gram loss needs the same modalities in the "
+            "same order on both sides."
+        )
+    difference = gram_matrix(teacher_features, normalize, mask) - gram_matrix(
+        student_features, normalize, mask
+    )
+    weights = None if mask is None else pair_mask(mask)
+    if sample_weight is not None:
+        sample_weight = ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1, 1))
+        weights = sample_weight if weights is None else weights * sample_weight
+    return masked_mean(ops.square(difference), weights)
+
+
+def logit_kd(teacher_logits, student_logits, temperature=4.0):
+    """Per-sample T²·KL(softmax(t/T) ‖ softmax(s/T)), from log-softmax in float32.
+
+    No probability is clipped: both distributions are formed with
+    `log_softmax`, so logits of magnitude 1e4 stay finite.
+
+    Args:
+        teacher_logits: (batch, classes).
+        student_logits: (batch, classes).
+        temperature: softening temperature T > 0.
+
+    Returns:
+        float32 tensor (batch,).
+    """
+    teacher_log_probs = ops.log_softmax(
+        ops.cast(teacher_logits, "float32") / temperature, axis=-1
+    )
+    student_log_probs = ops.log_softmax(
+        ops.cast(student_logits, "float32") / temperature, axis=-1
+    )
+    kl = ops.sum(
+        ops.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1
+    )
+    return kl * (temperature**2)

@@ -1,0 +1,359 @@
+"""Distiller: training on every data source, losses vs references, errors, saving."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import make_data, make_net, modality_map, sparse_ce
+from test_ops import np_gram, np_logit_kd, to_np
+
+from keras_gramkd import Distiller, ModalityGram
+
+
+def build(
+    weights=(1.0, 1.0, 1.0), teacher=None, student=None, compile_args=None, **kwargs
+):
+    task, kd, gram = weights
+    distiller = Distiller(
+        teacher=teacher or make_net("t", 16),
+        student=student or make_net("s", 4),
+        teacher_modalities=kwargs.pop("teacher_modalities", modality_map("t")),
+        student_modalities=kwargs.pop("student_modalities", modality_map("s")),
+        task_weight=task,
+        kd_weight=kd,
+        gram_weight=gram,
+        **kwargs,
+    )
+    if compile_args is None:
+        compile_args = {"loss": sparse_ce(), "metrics": ["accuracy"]}
+    distiller.compile(optimizer="adam", **compile_args)
+    return distiller
+
+
+class DictSequence(keras.utils.PyDataset):
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return len(self.y) // self.batch_size
+
+    def __getitem__(self, i):
+        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return {k: v[sl] for k, v in self.x.items()}, self.y[sl]
+
+
+@pytest.mark.parametrize("source", ["numpy", "tf.data", "PyDataset"])
+def test_fit_logs_each_term_on_every_data_source(source):
+    x, y = make_data()
+    distiller = build()
+    if source == "numpy":
+        data = {"x": x, "y": y, "batch_size": 16, "validation_data": (x, y)}
+    elif source == "tf.data":
+        import tensorflow as tf
+
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+        data = {"x": ds, "validation_data": ds}
+    else:
+        data = {"x": DictSequence(x, y, 16), "validation_data": DictSequence(x, y, 16)}
+    history = distiller.fit(epochs=2, verbose=0, **data).history
+    expected = {"loss", "task_loss", "kd_loss", "gram_loss", "accuracy"}
+    assert set(history) == expected | {f"val_{k}" for k in expected}
+    assert all(len(v) == 2 and np.all(np.isfinite(v)) for v in history.values())
+    assert history["loss"][1] < history["loss"][0]
+
+
+def test_loss_terms_match_numpy_references():
+    x, y = make_data(n=16)
+    weights = (0.7, 2.0, 3.0)
+    distiller = build(weights, temperature=2.0)
+    logs = distiller.evaluate(x, y, batch_size=16, return_dict=True, verbose=0)
+
+    def outputs(model, prefix):
+        layers = [f"{prefix}_{m}" for m in "abc"]
+        view = keras.Model(
+            model.input, [model.output] + [model.get_layer(n).output for n in layers]
+        )
+        out = [to_np(o) for o in view(x, training=False)]
+        return out[0], np.stack(out[1:], axis=1)
+
+    t_logits, t_feats = outputs(distiller.teacher, "t")
+    s_logits, s_feats = outputs(distiller.student, "s")
+    s_logits64 = s_logits.astype(np.float64)
+    log_probs = s_logits64 - np.log(np.exp(s_logits64).sum(-1, keepdims=True))
+    task = -log_probs[np.arange(16), y].mean()
+    kd = np_logit_kd(t_logits, s_logits, 2.0).mean()
+    gram = np.mean((np_gram(t_feats, "l2") - np_gram(s_feats, "l2")) ** 2)
+    assert logs["task_loss"] == pytest.approx(task, rel=1e-4)
+    assert logs["kd_loss"] == pytest.approx(kd, rel=1e-4)
+    assert logs["gram_loss"] == pytest.approx(gram, rel=1e-4)
+    assert logs["loss"] == pytest.approx(0.7 * task + 2.0 * kd + 3.0 * gram, rel=1e-4)
+
+
+def test_one_forward_pass_per_network_per_step():
+    x, y = make_data(n=32)
+    teacher = make_net("t", 16, counter=True)
+    student = make_net("s", 4, counter=True)
+    eager = {"loss": sparse_ce(), "run_eagerly": True}
+    distiller = build(teacher=teacher, student=student, compile_args=eager)
+    counters = [student.get_layer("s_counter_a"), teacher.get_layer("t_counter_a")]
+    distiller.fit(x, y, batch_size=8, epochs=1, verbose=0)  # builds, traces, warms up
+    for counter in counters:
+        counter.calls = 0
+    distiller.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 4 steps
+    assert [counter.calls for counter in counters] == [4, 4]
+
+
+def test_zero_weights_skip_their_terms_and_the_teacher():
+    x, y = make_data(n=16)
+    teacher = make_net("t", 16, counter=True)
+    eager = {"loss": sparse_ce(), "run_eagerly": True}
+    distiller = build((1.0, 0.0, 0.0), teacher=teacher, compile_args=eager)
+    teacher.get_layer("t_counter_a").calls = 0  # shape inference may have run it
+    history = distiller.fit(x, y, batch_size=8, epochs=1, verbose=0).history
+    assert set(history) == {"loss", "task_loss"}
+    assert history["loss"] == pytest.approx(history["task_loss"])
+    assert teacher.get_layer("t_counter_a").calls == 0
+
+
+def test_gram_weight_zero_needs_no_modalities_and_task_zero_needs_no_labels():
+    x, y = make_data(n=16)
+    distiller = Distiller(make_net("t", 8), make_net("s", 4), gram_weight=0.0)
+    distiller.compile(optimizer="adam", loss=sparse_ce())
+    assert set(distiller.fit(x, y, verbose=0).history) == {
+        "loss",
+        "task_loss",
+        "kd_loss",
+    }
+    label_free = build((0.0, 1.0, 1.0), compile_args={})
+    history = label_free.fit(x, batch_size=8, epochs=1, verbose=0).history
+    assert set(history) == {"loss", "kd_loss", "gram_loss"}
+
+
+def test_teacher_is_frozen_bit_identical_after_fit():
+    x, y = make_data()
+    teacher = make_net("t", 16, norm_and_dropout=True)
+    before = [np.array(to_np(w)) for w in teacher.weights]
+    distiller = build(teacher=teacher)
+    distiller.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    after = [to_np(w) for w in teacher.weights]
+    assert len(before) == len(after) > 0
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_array_equal(b, a)
+    assert not teacher.trainable
+    assert len(distiller.trainable_weights) == len(distiller.student.trainable_weights)
+
+
+def test_student_with_fewer_modalities_and_fewer_inputs():
+    x, y = make_data()
+    student = make_net("s", 4, modalities=("a", "c"))
+    distiller = build(student=student, student_modalities=modality_map("s", ("a", "c")))
+    history = distiller.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    assert np.isfinite(history["gram_loss"][0])
+    np.testing.assert_allclose(
+        to_np(distiller.predict(x, verbose=0)),
+        to_np(student.predict({"a": x["a"], "c": x["c"]}, verbose=0)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_stacked_modality_layer_spec():
+    inputs = {m: keras.Input((w,), name=m) for m, w in {"a": 4, "b": 6}.items()}
+
+    def net(prefix, width):
+        embeds = [keras.layers.Dense(width)(inputs[m]) for m in ("a", "b")]
+        tokens = keras.layers.Lambda(
+            lambda t: keras.ops.stack(t, axis=1), name=f"{prefix}_tokens"
+        )(embeds)
+        logits = keras.layers.Dense(3)(keras.layers.Flatten()(tokens))
+        return keras.Model(inputs, logits)
+
+    distiller = build(
+        teacher=net("t", 8),
+        student=net("s", 2),
+        teacher_modalities="t_tokens",
+        student_modalities="s_tokens",
+    )
+    x, y = make_data()
+    logs = distiller.evaluate({k: x[k] for k in "ab"}, y, return_dict=True, verbose=0)
+    assert logs["gram_loss"] > 0
+
+
+def test_predict_and_call_return_student_logits():
+    x, _ = make_data(n=10)
+    distiller = build()
+    expected = to_np(distiller.student(x, training=False))
+    np.testing.assert_allclose(to_np(distiller(x, training=False)), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        distiller.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_zero_norm_embeddings_train_without_nan():
+    student = make_net("s", 4)
+    for m in "abc":
+        layer = student.get_layer(f"s_{m}")
+        layer.set_weights([np.zeros_like(w) for w in layer.get_weights()])
+    distiller = build(student=student)
+    x, y = make_data()
+    history = distiller.fit(x, y, batch_size=16, epochs=2, verbose=0).history
+    assert np.all(np.isfinite(history["loss"]))
+    assert all(np.all(np.isfinite(to_np(w))) for w in student.weights)
+
+
+def test_custom_gram_loss_is_used():
+    x, y = make_data(n=16)
+    l2 = build().evaluate(x, y, batch_size=16, return_dict=True, verbose=0)
+    raw = build(gram_loss=ModalityGram("none")).evaluate(
+        x, y, batch_size=16, return_dict=True, verbose=0
+    )
+    assert raw["gram_loss"] != pytest.approx(l2["gram_loss"], rel=1e-3)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    x, y = make_data()
+    distiller = build((1.0, 0.5, 2.0), temperature=3.0, gram_loss=ModalityGram("dim"))
+    distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    path = tmp_path / "distiller.keras"
+    distiller.save(path)
+    restored = keras.saving.load_model(path)
+    assert isinstance(restored, Distiller)
+    config, restored_config = distiller.get_config(), restored.get_config()
+    for key in (
+        "teacher_modalities",
+        "student_modalities",
+        "task_weight",
+        "kd_weight",
+        "gram_weight",
+        "temperature",
+        "gram_loss",
+    ):
+        assert restored_config[key] == config[key]
+    np.testing.assert_allclose(
+        restored.predict(x, verbose=0), distiller.predict(x, verbose=0), atol=1e-6
+    )
+    logs = distiller.evaluate(x, y, return_dict=True, verbose=0)
+    restored_logs = restored.evaluate(x, y, return_dict=True, verbose=0)
+    assert restored_logs["gram_loss"] == pytest.approx(logs["gram_loss"], rel=1e-5)
+
+    student_path = tmp_path / "student.keras"
+    distiller.student.save(student_path)
+    student = keras.saving.load_model(student_path)
+    np.testing.assert_allclose(
+        student.predict(x, verbose=0), distiller.predict(x, verbose=0), atol=1e-6
+    )
+
+
+# --- errors at construction, each naming the problem and the fix ---------------
+
+
+def test_unknown_layer_name_suggests_close_names():
+    with pytest.raises(
+        ValueError, match=r"no layer named 's_aa'.*Did you mean \['s_a'"
+    ):
+        build(student_modalities={"a": "s_aa", "b": "s_b", "c": "s_c"})
+
+
+def test_mismatched_modality_names():
+    with pytest.raises(ValueError, match=r"Student modalities \['d'\] are not among"):
+        build(student_modalities={"a": "s_a", "d": "s_b"})
+
+
+def test_different_class_counts():
+    with pytest.raises(
+        ValueError, match="teacher outputs 3 classes but the student outputs 5"
+    ):
+        build(student=make_net("s", 4, n_classes=5))
+
+
+@pytest.mark.parametrize("name", ["task_weight", "kd_weight", "gram_weight"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), None])
+def test_bad_weights(name, bad):
+    weights = {"task_weight": 1.0, "kd_weight": 1.0, "gram_weight": 1.0, name: bad}
+    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+        Distiller(
+            make_net("t", 8),
+            make_net("s", 4),
+            modality_map("t"),
+            modality_map("s"),
+            **weights,
+        )
+
+
+@pytest.mark.parametrize("bad", [0, -2.0, float("nan")])
+def test_bad_temperature(bad):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        build(temperature=bad)
+
+
+def test_layer_names_on_subclassed_model():
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x["a"])
+
+    with pytest.raises(
+        ValueError, match="no symbolic outputs.*functional API.*gram_weight=0"
+    ):
+        build(student=Subclassed())
+
+
+def test_softmax_output_refused():
+    with pytest.raises(
+        ValueError, match="teacher's output layer 't_logits' applies a softmax"
+    ):
+        build(teacher=make_net("t", 8, output_activation="softmax"))
+
+
+def test_gram_needs_modalities():
+    with pytest.raises(ValueError, match="gram_weight > 0 needs teacher_modalities"):
+        Distiller(make_net("t", 8), make_net("s", 4))
+
+
+def test_modality_widths_must_agree_within_a_network():
+    inputs = {"a": keras.Input((4,), name="a"), "b": keras.Input((6,), name="b")}
+    ea = keras.layers.Dense(3, name="s_a")(inputs["a"])
+    eb = keras.layers.Dense(5, name="s_b")(inputs["b"])
+    student = keras.Model(
+        inputs, keras.layers.Dense(3)(keras.layers.Concatenate()([ea, eb]))
+    )
+    with pytest.raises(
+        ValueError, match=r"(?s)In the student: .*widths differ.*projection"
+    ):
+        build(student=student, student_modalities=modality_map("s", "ab"))
+
+
+def test_stacked_spec_with_wrong_rank_and_bad_spec_type():
+    with pytest.raises(ValueError, match=r"must output the stacked \(batch, M, d\)"):
+        build(student_modalities="s_a")
+    with pytest.raises(ValueError, match="student_modalities must be a dict"):
+        build(student_modalities=["s_a"])
+
+
+def test_unknown_option_and_non_model():
+    with pytest.raises(ValueError, match="Unrecognized keyword.*learning_rate"):
+        build(learning_rate=0.1)
+    with pytest.raises(TypeError, match="student must be a keras.Model"):
+        Distiller(make_net("t", 8), "student.keras", gram_weight=0.0)
+
+
+def test_missing_input_key_fails_at_first_batch():
+    x, y = make_data()
+    del x["b"]
+    with pytest.raises(ValueError, match=r"teacher expects input\(s\) \['b'\]"):
+        build(
+            student=make_net("s", 4, modalities=("a", "c")),
+            student_modalities=modality_map("s", "ac"),
+        ).fit(x, y, verbose=0)
+
+
+def test_compile_without_loss_fails_clearly():
+    x, y = make_data()
+    distiller = build(compile_args={})
+    with pytest.raises(
+        ValueError, match=r"task_weight > 0 needs a task loss: compile\(loss="
+    ):
+        distiller.fit(x, y, verbose=0)

@@ -1,0 +1,196 @@
+"""keras_gramkd.ops against independent NumPy references."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_gramkd import ops as kd_ops
+
+
+def np_gram(a, normalize, mask=None):
+    """Independent reference: explicit loops over samples, float64."""
+    a = np.asarray(a, np.float64)
+    batch, m, d = a.shape
+    mask = np.ones((batch, m)) if mask is None else np.asarray(mask, np.float64)
+    out = np.zeros((batch, m, m))
+    for b in range(batch):
+        present = mask[b] > 0
+        rows = a[b] * mask[b][:, None]
+        if normalize == "centered" and present.any():
+            rows = rows - rows[present].mean(axis=0)
+            rows = rows * mask[b][:, None]
+        if normalize in ("l2", "centered"):
+            norms = np.linalg.norm(rows, axis=1, keepdims=True)
+            rows = np.where(norms > 1e-6, rows / np.maximum(norms, 1e-6), 0.0)
+        g = rows @ rows.T
+        if normalize == "dim":
+            g = g / d
+        out[b] = g * np.outer(mask[b], mask[b])
+    return out
+
+
+def to_np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+SHAPES = [(1, 1, 1), (3, 2, 5), (4, 6, 8), (2, 9, 3)]
+
+
+@pytest.mark.parametrize("normalize", kd_ops.GRAM_NORMALIZATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gram_matrix_matches_numpy(normalize, shape):
+    rng = np.random.default_rng(sum(shape))
+    a = rng.normal(scale=3.0, size=shape).astype("float32")
+    got = to_np(kd_ops.gram_matrix(a, normalize))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, np_gram(a, normalize), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", kd_ops.GRAM_NORMALIZATIONS)
+def test_gram_matrix_with_mask_matches_numpy(normalize):
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(5, 4, 7)).astype("float32")
+    mask = np.array(
+        [[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 1, 0, 1]],
+        "float32",
+    )
+    got = to_np(kd_ops.gram_matrix(a, normalize, mask=mask))
+    np.testing.assert_allclose(got, np_gram(a, normalize, mask), rtol=1e-5, atol=1e-5)
+    missing = mask == 0
+    assert np.all(got[missing[:, :, None].repeat(4, 2)] == 0)  # rows of missing
+    assert np.all(got.transpose(0, 2, 1)[missing[:, :, None].repeat(4, 2)] == 0)
+
+
+@pytest.mark.parametrize("normalize", ["l2", "centered"])
+def test_zero_vector_gives_zero_row_not_nan(normalize):
+    a = np.zeros((2, 3, 4), "float32")
+    a[0, 0] = [1.0, 2.0, 0.0, 0.0]
+    got = to_np(kd_ops.gram_matrix(a, normalize))
+    assert np.all(np.isfinite(got))
+    if normalize == "l2":
+        np.testing.assert_allclose(got[0], np.diag([1.0, 0.0, 0.0]), atol=1e-6)
+        assert np.all(got[1] == 0)
+
+
+def test_l2_normalize_rows_unit_norm_and_zero_safe():
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [1e-3, 0.0]], "float32")
+    got = to_np(kd_ops.l2_normalize_rows(x))
+    np.testing.assert_allclose(got, [[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]], atol=1e-6)
+
+
+def test_gram_matrix_errors():
+    with pytest.raises(ValueError, match="Unknown Gram normalisation 'cosine'"):
+        kd_ops.gram_matrix(np.ones((1, 2, 3), "float32"), "cosine")
+    with pytest.raises(ValueError, match=r"\(batch, M, d\).*ModalityStack"):
+        kd_ops.gram_matrix(np.ones((2, 3), "float32"))
+
+
+def test_masked_mean():
+    v = np.arange(6, dtype="float32").reshape(2, 3)
+    w = np.array([[1, 0, 1], [0, 0, 1]], "float32")
+    assert float(to_np(kd_ops.masked_mean(v, w))) == pytest.approx((0 + 2 + 5) / 3)
+    assert float(to_np(kd_ops.masked_mean(v))) == pytest.approx(2.5)
+    assert float(to_np(kd_ops.masked_mean(v, np.zeros_like(w)))) == 0.0
+
+
+@pytest.mark.parametrize("normalize", kd_ops.GRAM_NORMALIZATIONS)
+def test_gram_loss_matches_numpy_with_different_widths(normalize):
+    rng = np.random.default_rng(2)
+    t = rng.normal(size=(6, 4, 16)).astype("float32")
+    s = rng.normal(size=(6, 4, 3)).astype("float32")
+    expected = np.mean((np_gram(t, normalize) - np_gram(s, normalize)) ** 2)
+    got = float(to_np(kd_ops.gram_loss(t, s, normalize)))
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_gram_loss_mask_and_sample_weight_match_numpy():
+    rng = np.random.default_rng(3)
+    t = rng.normal(size=(4, 3, 5)).astype("float32")
+    s = rng.normal(size=(4, 3, 2)).astype("float32")
+    mask = np.array([[1, 1, 1], [1, 0, 1], [0, 0, 0], [1, 1, 0]], "float32")
+    sw = np.array([1.0, 2.0, 5.0, 0.5], "float32")
+    sq = (np_gram(t, "l2", mask) - np_gram(s, "l2", mask)) ** 2
+    pairs = mask[:, :, None] * mask[:, None, :]
+    weights = pairs * sw[:, None, None]
+    expected = (sq * weights).sum() / weights.sum()
+    got = float(to_np(kd_ops.gram_loss(t, s, mask=mask, sample_weight=sw)))
+    assert got == pytest.approx(expected, rel=1e-5)
+    # Masked modalities never influence the loss: change them arbitrarily.
+    t2, s2 = t.copy(), s.copy()
+    t2[1, 1] = 1e3
+    s2[2] = -7.0
+    got2 = float(to_np(kd_ops.gram_loss(t2, s2, mask=mask, sample_weight=sw)))
+    assert got2 == pytest.approx(got, rel=1e-6)
+    # Nothing present anywhere: zero, not NaN.
+    none = float(to_np(kd_ops.gram_loss(t, s, mask=np.zeros_like(mask))))
+    assert none == 0.0
+
+
+def test_gram_loss_modality_count_mismatch():
+    with pytest.raises(ValueError, match="3 modalities but student features have 2"):
+        kd_ops.gram_loss(np.ones((1, 3, 4), "float32"), np.ones((1, 2, 4), "float32"))
+
+
+def np_logit_kd(t, s, temperature):
+    t = np.asarray(t, np.float64) / temperature
+    s = np.asarray(s, np.float64) / temperature
+    log_p = t - t.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    log_q = s - s.max(-1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+    return temperature**2 * (np.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 8.0])
+def test_logit_kd_matches_numpy(temperature):
+    rng = np.random.default_rng(4)
+    t = rng.normal(scale=4, size=(16, 10)).astype("float32")
+    s = rng.normal(scale=4, size=(16, 10)).astype("float32")
+    got = to_np(kd_ops.logit_kd(t, s, temperature))
+    np.testing.assert_allclose(
+        got, np_logit_kd(t, s, temperature), rtol=1e-4, atol=1e-6
+    )
+    assert to_np(kd_ops.logit_kd(t, t, temperature)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_logit_kd_extreme_logits_finite():
+    rng = np.random.default_rng(5)
+    t = (rng.choice([-1.0, 1.0], size=(8, 10)) * 1e4).astype("float32")
+    s = (rng.choice([-1.0, 1.0], size=(8, 10)) * 1e4).astype("float32")
+    got = to_np(kd_ops.logit_kd(t, s, 1.0))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, np_logit_kd(t, s, 1.0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_logit_kd_low_precision_inputs_compute_in_float32(dtype):
+    rng = np.random.default_rng(6)
+    t = rng.normal(scale=3, size=(8, 10)).astype("float32")
+    s = rng.normal(scale=3, size=(8, 10)).astype("float32")
+    t_low = keras.ops.cast(t, dtype)
+    s_low = keras.ops.cast(s, dtype)
+    got = kd_ops.logit_kd(t_low, s_low, 4.0)
+    assert keras.backend.standardize_dtype(got.dtype) == "float32"
+    reference = np_logit_kd(
+        to_np(keras.ops.cast(t_low, "float32")),
+        to_np(keras.ops.cast(s_low, "float32")),
+        4.0,
+    )
+    np.testing.assert_allclose(to_np(got), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_logit_kd_bfloat16_extreme_logits_finite():
+    rng = np.random.default_rng(6)
+    t = keras.ops.cast(rng.normal(size=(8, 10)) * 1e4, "bfloat16")
+    s = keras.ops.cast(rng.normal(size=(8, 10)) * 1e4, "bfloat16")
+    assert np.all(np.isfinite(to_np(kd_ops.logit_kd(t, s, 4.0))))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gram_matrix_low_precision_inputs_compute_in_float32(dtype):
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(3, 4, 8)).astype("float32")
+    got = kd_ops.gram_matrix(keras.ops.cast(a, dtype), "none")
+    assert keras.backend.standardize_dtype(got.dtype) == "float32"
+    a_low = to_np(keras.ops.cast(keras.ops.cast(a, dtype), "float32"))
+    np.testing.assert_allclose(to_np(got), np_gram(a_low, "none"), rtol=1e-5, atol=1e-5)
