@@ -91,6 +91,11 @@ class ModalityGram(keras.losses.Loss):
     Args:
         normalize: `"l2"` (cosine Gram, default), `"none"`, `"dim"` or
             `"centered"`.
+        entries: `"all"` (default), `"diagonal"` or `"off_diagonal"`: which
+            entries of the M×M matrices are matched (the last two are
+            ablations: norms only, relations only).
+        target: `"sample"` (default: each sample's teacher Gram) or
+            `"batch_mean"` (a control: the batch-averaged teacher Gram).
         name: loss name.
 
     Call arguments:
@@ -108,13 +113,24 @@ class ModalityGram(keras.losses.Loss):
     0.5
     """
 
-    def __init__(self, normalize="l2", name="modality_gram"):
+    def __init__(
+        self, normalize="l2", entries="all", target="sample", name="modality_gram"
+    ):
         kd_ops.check_gram_normalization(normalize)
+        kd_ops.check_choice("Gram entries", entries, kd_ops.GRAM_ENTRIES)
+        kd_ops.check_choice("Gram target", target, kd_ops.GRAM_TARGETS)
         super().__init__(name=name, dtype="float32")
         self.normalize = normalize
+        self.entries = entries
+        self.target = target
 
     def get_config(self):
-        return {"normalize": self.normalize, "name": self.name}
+        return {
+            "normalize": self.normalize,
+            "entries": self.entries,
+            "target": self.target,
+            "name": self.name,
+        }
 
     def __call__(
         self, teacher_features, student_features, sample_weight=None, mask=None
@@ -125,4 +141,6 @@ class ModalityGram(keras.losses.Loss):
             normalize=self.normalize,
             mask=mask,
             sample_weight=sample_weight,
+            entries=self.entries,
+            target=self.target,
         )

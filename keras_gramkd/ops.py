@@ -16,6 +16,8 @@ Example:
 from keras import ops
 
 GRAM_NORMALIZATIONS = ("l2", "none", "dim", "centered")
+GRAM_ENTRIES = ("all", "diagonal", "off_diagonal")
+GRAM_TARGETS = ("sample", "batch_mean")
 
 # Squared-norm floor of the row normalisation: a row whose norm is below
 # sqrt(NORM_EPSILON) = 1e-6 is divided by 1e-6 instead, so a zero row stays zero
@@ -23,13 +25,18 @@ GRAM_NORMALIZATIONS = ("l2", "none", "dim", "centered")
 NORM_EPSILON = 1e-12
 
 
+def check_choice(what, value, choices):
+    """Raises a `ValueError` naming the valid choices unless `value` is one."""
+    if value not in choices:
+        raise ValueError(
+            f"Unknown {what} {value!r}. Use one of "
+            f"{', '.join(repr(choice) for choice in choices)}."
+        )
+
+
 def check_gram_normalization(normalize):
     """Raises a `ValueError` unless `normalize` is one of `GRAM_NORMALIZATIONS`."""
-    if normalize not in GRAM_NORMALIZATIONS:
-        raise ValueError(
-            f"Unknown Gram normalisation {normalize!r}. "
-            f"Use one of {', '.join(repr(n) for n in GRAM_NORMALIZATIONS)}."
-        )
+    check_choice("Gram normalisation", normalize, GRAM_NORMALIZATIONS)
 
 
 def l2_normalize_rows(x, epsilon=NORM_EPSILON):
@@ -128,7 +135,13 @@ def masked_mean(values, weights=None):
 
 
 def gram_loss(
-    teacher_features, student_features, normalize="l2", mask=None, sample_weight=None
+    teacher_features,
+    student_features,
+    normalize="l2",
+    mask=None,
+    sample_weight=None,
+    entries="all",
+    target="sample",
 ):
     """Mean squared difference between teacher and student Gram matrices.
 
@@ -142,10 +155,18 @@ def gram_loss(
         mask: optional (batch, M) 0/1 modality mask; the mean is then over
             present pairs only, and a sample with no modality adds nothing.
         sample_weight: optional (batch,) weights of the samples.
+        entries: which entries of the M×M matrices count: `"all"`,
+            `"diagonal"` (only the squared norms: no relations between
+            modalities) or `"off_diagonal"` (only the relations).
+        target: `"sample"` matches each sample's teacher Gram (the method);
+            `"batch_mean"` matches the teacher Gram averaged over the batch, a
+            control that carries no per-sample relations.
 
     Returns:
-        float32 scalar: the mean over samples and (present) M×M entries.
+        float32 scalar: the mean over samples and counted (present) entries.
     """
+    check_choice("Gram entries", entries, GRAM_ENTRIES)
+    check_choice("Gram target", target, GRAM_TARGETS)
     m_teacher, m_student = teacher_features.shape[1], student_features.shape[1]
     if m_teacher != m_student:
         raise ValueError(
@@ -153,14 +174,18 @@ def gram_loss(
             f"have {m_student}; the Gram loss needs the same modalities in the "
             "same order on both sides."
         )
-    difference = gram_matrix(teacher_features, normalize, mask) - gram_matrix(
-        student_features, normalize, mask
-    )
-    weights = None if mask is None else pair_mask(mask)
+    teacher_gram = gram_matrix(teacher_features, normalize, mask)
+    student_gram = gram_matrix(student_features, normalize, mask)
+    weights = ops.ones_like(teacher_gram) if mask is None else pair_mask(mask)
+    if target == "batch_mean":
+        count = ops.maximum(ops.sum(weights, axis=0, keepdims=True), 1.0)
+        teacher_gram = weights * ops.sum(teacher_gram, axis=0, keepdims=True) / count
+    if entries != "all":
+        eye = ops.eye(m_teacher, dtype="float32")
+        weights = weights * (eye if entries == "diagonal" else 1.0 - eye)
     if sample_weight is not None:
-        sample_weight = ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1, 1))
-        weights = sample_weight if weights is None else weights * sample_weight
-    return masked_mean(ops.square(difference), weights)
+        weights = weights * ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1, 1))
+    return masked_mean(ops.square(teacher_gram - student_gram), weights)
 
 
 def logit_kd(teacher_logits, student_logits, temperature=4.0):

@@ -66,7 +66,14 @@ def test_logit_kd_rejects_bad_temperature(bad):
         LogitKD(bad)
 
 
-@pytest.mark.parametrize("loss", [LogitKD(2.5, name="kd"), ModalityGram("centered")])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        LogitKD(2.5, name="kd"),
+        ModalityGram("centered"),
+        ModalityGram("dim", entries="off_diagonal", target="batch_mean"),
+    ],
+)
 def test_losses_serialise(loss):
     restored = keras.losses.deserialize(keras.losses.serialize(loss))
     assert type(restored) is type(loss)

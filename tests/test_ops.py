@@ -194,3 +194,34 @@ def test_gram_matrix_low_precision_inputs_compute_in_float32(dtype):
     assert keras.backend.standardize_dtype(got.dtype) == "float32"
     a_low = to_np(keras.ops.cast(keras.ops.cast(a, dtype), "float32"))
     np.testing.assert_allclose(to_np(got), np_gram(a_low, "none"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("entries", ["all", "diagonal", "off_diagonal"])
+@pytest.mark.parametrize("target", ["sample", "batch_mean"])
+def test_gram_loss_entries_and_target_match_numpy(entries, target):
+    rng = np.random.default_rng(10)
+    t = rng.normal(size=(5, 4, 6)).astype("float32")
+    s = rng.normal(size=(5, 4, 3)).astype("float32")
+    mask = np.ones((5, 4), "float32")
+    mask[1, 2] = 0
+    pairs = mask[:, :, None] * mask[:, None, :]
+    g_t, g_s = np_gram(t, "none", mask), np_gram(s, "none", mask)
+    if target == "batch_mean":
+        g_t = pairs * (g_t.sum(0) / np.maximum(pairs.sum(0), 1))
+    keep = {
+        "all": np.ones((4, 4)),
+        "diagonal": np.eye(4),
+        "off_diagonal": 1 - np.eye(4),
+    }
+    weights = pairs * keep[entries]
+    expected = (((g_t - g_s) ** 2) * weights).sum() / weights.sum()
+    got = kd_ops.gram_loss(t, s, "none", mask=mask, entries=entries, target=target)
+    assert float(to_np(got)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_gram_loss_rejects_unknown_entries_and_target():
+    a = np.ones((1, 2, 3), "float32")
+    with pytest.raises(ValueError, match="Unknown Gram entries 'upper'"):
+        kd_ops.gram_loss(a, a, entries="upper")
+    with pytest.raises(ValueError, match="Unknown Gram target 'mean'.*'batch_mean'"):
+        kd_ops.gram_loss(a, a, target="mean")
