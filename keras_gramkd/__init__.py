@@ -2,23 +2,36 @@
 
 A frozen multi-modal teacher teaches a small student through the task loss,
 logit KD and the modality-level Gram matrix loss (arXiv 2112.11447), on the
-TensorFlow, JAX and PyTorch backends. Importing the package imports only keras
-and numpy.
+TensorFlow, JAX and PyTorch backends.
+
+The public names below load on first use, so `import keras_gramkd` imports
+nothing heavy, and the `gramkd` command can pick the Keras backend before keras
+is imported. Beyond keras and numpy, nothing else is ever imported by the core.
 """
 
-from keras_gramkd import layers, losses, ops
-from keras_gramkd.distiller import Distiller
-from keras_gramkd.layers import ModalityStack
-from keras_gramkd.losses import LogitKD, ModalityGram
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Distiller",
-    "LogitKD",
-    "ModalityGram",
-    "ModalityStack",
-    "layers",
-    "losses",
-    "ops",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "Distiller": "keras_gramkd.distiller",
+    "LogitKD": "keras_gramkd.losses",
+    "ModalityGram": "keras_gramkd.losses",
+    "ModalityStack": "keras_gramkd.layers",
+}
+_SUBMODULES = ("datasets", "layers", "losses", "ops", "plots")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"keras_gramkd.{name}")
+    raise AttributeError(f"module 'keras_gramkd' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -83,7 +83,7 @@ def gram_matrix(features, normalize="l2", mask=None):
 
     >>> import numpy as np
     >>> a = np.array([[[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]], "float32")
-    >>> np.round(np.asarray(gram_matrix(a)), 3).tolist()
+    >>> np.round(ops.convert_to_numpy(gram_matrix(a)).astype("float64"), 3).tolist()
     [[[1.0, 0.707, 0.0], [0.707, 1.0, 0.0], [0.0, 0.0, 0.0]]]
     """
     check_gram_normalization(normalize)

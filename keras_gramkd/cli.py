@@ -1,0 +1,75 @@
+"""The `gramkd` command: `gramkd demo` (the study) and `gramkd export`.
+
+`--backend` (before or after the subcommand) is read before keras is imported,
+so it selects the Keras backend (it overrides KERAS_BACKEND):
+
+    gramkd demo --backend jax --quick
+    gramkd export student.keras --format tflite onnx --out export_dir/
+"""
+
+import argparse
+import importlib
+import os
+import sys
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+# subcommand -> (module, help, function adding its arguments, function running it)
+COMMANDS = {
+    "demo": (
+        "keras_gramkd.demo",
+        "train a teacher and students on the embedded digits and compare the losses",
+        "add_demo_arguments",
+        "run_demo",
+    ),
+    "export": (
+        "keras_gramkd.export",
+        "export a student to TFLite (LiteRT) and ONNX, verified in each runtime",
+        "add_export_arguments",
+        "run_export",
+    ),
+}
+
+
+def _backend_parser():
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="Keras backend to use (default: KERAS_BACKEND, else tensorflow)",
+    )
+    return parser
+
+
+def build_parser():
+    """The full parser; imports keras (through the subcommand modules)."""
+    from keras_gramkd import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="gramkd",
+        description="Multi-modality knowledge distillation for Keras 3.",
+        parents=[_backend_parser()],
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text, add_arguments, _) in COMMANDS.items():
+        subparser = subparsers.add_parser(
+            name, help=help_text, description=help_text, parents=[_backend_parser()]
+        )
+        getattr(importlib.import_module(module), add_arguments)(subparser)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the `gramkd` console script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known, _ = _backend_parser().parse_known_args(argv)
+    if known.backend:
+        os.environ["KERAS_BACKEND"] = known.backend
+    args = build_parser().parse_args(argv)
+    module, _, _, run = COMMANDS[args.command]
+    return getattr(importlib.import_module(module), run)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Tests for keras_gramkd.export: TFLite (LiteRT) and ONNX export on any backend.
+
+One multi-input student (three named inputs of the UCI digits) is trained once per
+module and exported once in every quantisation; the tests then check the files in
+their real runtimes. Runtimes are required (the `export` extra): a missing one fails
+the test instead of skipping it.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from keras_gramkd import export as gx
+
+INPUTS = ("pix", "fou", "kar")
+REPO = Path(__file__).resolve().parents[1]
+BACKEND = keras.backend.backend()
+
+
+def _mfeat_path():
+    candidates = [
+        REPO / "keras_gramkd" / "datasets" / "mfeat.npz",
+        REPO.parent / "shared" / "data" / "mfeat.npz",
+        Path("/work/shared/data/mfeat.npz"),
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    pytest.fail(f"mfeat.npz not found in {[str(p) for p in candidates]}")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Train/test split of three views, standardised with train statistics."""
+    with np.load(_mfeat_path()) as npz:
+        views = {name: npz[name].astype("float32") for name in INPUTS}
+        labels = npz["label"].astype("int32")
+    order = np.random.default_rng(0).permutation(len(labels))
+    train, test = order[:1600], order[1600:]
+    x_train, x_test = {}, {}
+    for name, x in views.items():
+        mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+        x_train[name] = (x[train] - mean) / std
+        x_test[name] = (x[test] - mean) / std
+    return x_train, labels[train], x_test, labels[test]
+
+
+def _student(dims, width=256, dtype=None):
+    inputs = {name: keras.Input((dim,), name=name) for name, dim in dims.items()}
+    embeds = [
+        keras.layers.Dense(width, activation="relu", name=f"{name}_embed", dtype=dtype)(
+            inputs[name]
+        )
+        for name in dims
+    ]
+    fused = keras.layers.Concatenate()(embeds)
+    hidden = keras.layers.Dense(64, activation="relu", dtype=dtype)(fused)
+    logits = keras.layers.Dense(10, name="logits", dtype=dtype)(hidden)
+    return keras.Model(inputs, logits, name="student")
+
+
+@pytest.fixture(scope="module")
+def student(digits):
+    x_train, y_train, x_test, y_test = digits
+    keras.utils.set_random_seed(0)
+    model = _student({name: x.shape[1] for name, x in x_train.items()})
+    model.compile(
+        "adam",
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(x_train, y_train, epochs=4, batch_size=64, verbose=0)
+    _, accuracy = model.evaluate(x_test, y_test, verbose=0)
+    assert accuracy > 0.9
+    return model
+
+
+@pytest.fixture(scope="module")
+def report(student, digits, tmp_path_factory):
+    x_train, _, x_test, _ = digits
+    return gx.export_student(
+        student,
+        tmp_path_factory.mktemp("export"),
+        formats=("tflite", "onnx"),
+        quantize=[None, "float16", "dynamic", "int8"],
+        representative_data=x_train,
+        sample_data=x_test,
+    )
+
+
+def _row(report, fmt, quantize):
+    (row,) = [r for r in report.rows if r.format == fmt and r.quantize == quantize]
+    return row
+
+
+def test_runtimes_installed():
+    for module in ("onnxruntime", "ai_edge_litert.interpreter", "onnx"):
+        assert importlib.util.find_spec(module.split(".")[0]), module
+
+
+def test_every_file_is_written_and_passes(report):
+    assert report.ok
+    assert report.backend == BACKEND
+    assert report.num_samples == 400
+    assert len(report.rows) == 8
+    for row in report.rows:
+        assert Path(row.file).is_file()
+        assert row.bytes == Path(row.file).stat().st_size
+        assert row.latency_ms > 0 and row.keras_latency_ms > 0
+        assert row.batch_sizes == "1, dynamic"
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_tolerances(report, fmt):
+    assert _row(report, fmt, None).max_abs_diff <= 1e-4
+    assert _row(report, fmt, None).top1_agreement == 1.0
+    assert _row(report, fmt, "float16").max_abs_diff <= 1e-2
+    assert _row(report, fmt, "dynamic").top1_agreement >= 0.98
+    assert _row(report, fmt, "int8").top1_agreement >= 0.98
+
+
+def test_quantised_files_are_smaller(report):
+    tflite = _row(report, "tflite", None).bytes
+    assert _row(report, "tflite", "int8").bytes <= 0.30 * tflite
+    assert _row(report, "tflite", "dynamic").bytes <= 0.35 * tflite
+    assert _row(report, "tflite", "float16").bytes <= 0.55 * tflite
+    onnx = _row(report, "onnx", None).bytes
+    assert _row(report, "onnx", "int8").bytes <= 0.40 * onnx
+
+
+def test_export_path_per_backend(report):
+    paths = {row.format: row.path for row in report.rows}
+    if BACKEND == "tensorflow":
+        assert paths == {"tflite": "in-process", "onnx": "in-process"}
+    else:
+        assert paths["tflite"] == "child process (tensorflow)"
+        onnx_here = BACKEND == "torch" or importlib.util.find_spec("jax2onnx")
+        expected = "in-process" if onnx_here else "child process (tensorflow)"
+        assert paths["onnx"] == expected
+
+
+def test_inputs_are_named_and_fed_by_name(report, student, digits):
+    import onnxruntime
+    from ai_edge_litert.interpreter import Interpreter
+
+    x_test = {k: v[:8] for k, v in digits[2].items()}
+    expected = student.predict_on_batch(x_test)
+    for row in report.rows:
+        assert set(row.inputs) == set(INPUTS)
+        assert row.inputs == {k: "float32" for k in INPUTS}
+    # The signature order is the converter's; feeding by name must not care.
+    path = _row(report, "tflite", None).file
+    interpreter = Interpreter(model_path=path)
+    runner = interpreter.get_signature_runner()
+    for order in (INPUTS, tuple(reversed(INPUTS))):
+        out = runner(**{k: x_test[k] for k in order})
+        np.testing.assert_allclose(out["output_0"], expected, atol=1e-4)
+    session = onnxruntime.InferenceSession(_row(report, "onnx", None).file)
+    assert {i.name for i in session.get_inputs()} == set(INPUTS)
+    (out,) = session.run(None, dict(reversed(list(x_test.items()))))
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_plain_students_have_no_flex_ops(report):
+    for row in report.rows:
+        if row.format == "tflite":
+            ops = gx.tflite_op_names(row.file)
+            assert "FULLY_CONNECTED" in ops
+            assert not [op for op in ops if op.startswith("Flex")], ops
+
+
+@keras.saving.register_keras_serializable(package="gramkd_test")
+class Determinant(keras.layers.Layer):
+    """det of the input seen as 2x2 matrices: TFLite has it only as a Flex op."""
+
+    def call(self, x):
+        return keras.ops.det(keras.ops.reshape(x, (-1, 2, 2)))[:, None]
+
+
+def test_flex_ops_fail_with_the_op_name(tmp_path):
+    inputs = keras.Input((4,), name="a")
+    model = keras.Model(inputs, keras.layers.Dense(2)(Determinant()(inputs)))
+    with pytest.raises(gx.FlexOpsError, match="FlexMatrixDeterminant") as info:
+        gx.export_student(model, tmp_path, formats="tflite")
+    assert "standalone LiteRT" in str(info.value)
+
+
+def test_int8_inputs_and_outputs(student, digits, tmp_path):
+    x_train, _, x_test, _ = digits
+    report = gx.export_student(
+        student,
+        tmp_path,
+        formats=["litert"],
+        quantize="int8",
+        int8_io=True,
+        representative_data=(x_train, digits[1]),
+        sample_data=x_test,
+        latency_runs=3,
+    )
+    (row,) = report.rows
+    assert row.inputs == {k: "int8" for k in INPUTS}
+    assert row.top1_agreement >= 0.98
+
+
+def test_mixed_precision_student_exports_float32(digits, tmp_path):
+    x_train = {k: v[:64] for k, v in digits[0].items()}
+    model = _student({k: v.shape[1] for k, v in x_train.items()}, 16, "mixed_float16")
+    report = gx.export_student(
+        model, tmp_path, formats="onnx", sample_data=x_train, latency_runs=3
+    )
+    (row,) = report.rows
+    assert row.inputs == {k: "float32" for k in INPUTS}
+    assert row.passed and row.max_abs_diff <= 1e-4
+
+
+def test_report_renderings(report):
+    text = str(report)
+    assert "max|diff|" in text and "student_int8.tflite" in text
+    markdown = report.to_markdown().splitlines()
+    assert len(markdown) == 2 + len(report.rows)
+    assert markdown[0].startswith("| format |")
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["ok"] and len(data["rows"]) == 8
+    assert data["rows"][0]["inputs"]
+
+
+def test_cli_exports_a_keras_file(student, digits, tmp_path, capsys):
+    student.save(tmp_path / "student.keras")
+    np.savez(tmp_path / "data.npz", label=digits[3], **digits[2])
+    parser = gx.add_export_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        [
+            str(tmp_path / "student.keras"),
+            "--format",
+            "onnx",
+            "--calibration",
+            str(tmp_path / "data.npz"),
+            "--out",
+            str(tmp_path / "out"),
+            "--runs",
+            "3",
+            "--json",
+            str(tmp_path / "report.json"),
+        ]
+    )
+    assert gx.run_export(args) == 0
+    assert "student_float32.onnx" in capsys.readouterr().out
+    assert json.loads((tmp_path / "report.json").read_text())["ok"]
+
+    args = parser.parse_args([str(tmp_path / "student.keras"), "--quantize", "int8"])
+    assert gx.run_export(args) == 2
+    assert "representative_data" in capsys.readouterr().err
+
+    script = REPO / "export" / "check_export.py"
+    spec = importlib.util.spec_from_file_location("check_export", script)
+    check_export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_export)
+    argv = [
+        str(tmp_path / "out" / "student_float32.onnx"),
+        str(tmp_path / "student.keras"),
+        str(tmp_path / "data.npz"),
+    ]
+    assert check_export.main(argv) == 0
+    assert "ok (max|diff| <= 1e-04)" in capsys.readouterr().out
+
+
+def test_unknown_format(student, tmp_path):
+    with pytest.raises(ValueError, match="Unknown export format 'coreml'"):
+        gx.export_student(student, tmp_path, formats=("tflite", "coreml"))
+    with pytest.raises(ValueError, match="Unknown quantize='int4'"):
+        gx.export_student(student, tmp_path, quantize="int4")
+
+
+def test_int8_needs_representative_data(student, tmp_path):
+    with pytest.raises(ValueError, match="int8.*needs representative_data"):
+        gx.export_student(student, tmp_path, quantize="int8")
+
+
+def test_path_that_is_not_a_keras_model(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="is not a Keras model"):
+        gx.export_student(text, tmp_path)
+    fake = tmp_path / "broken.keras"
+    fake.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="is not a Keras model"):
+        gx.export_student(fake, tmp_path)
+    with pytest.raises(ValueError, match="not found"):
+        gx.export_student(tmp_path / "missing.keras", tmp_path)
+
+
+def test_missing_data_key(student, digits, tmp_path):
+    partial = {k: v for k, v in digits[2].items() if k != "kar"}
+    with pytest.raises(ValueError, match=r"lacks the model input\(s\) \['kar'\]"):
+        gx.export_student(student, tmp_path, formats="onnx", sample_data=partial)
+
+
+@pytest.mark.parametrize(
+    "module, fmt", [("onnxruntime", "onnx"), ("ai_edge_litert", "tflite")]
+)
+def test_missing_optional_dependency(student, tmp_path, monkeypatch, module, fmt):
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=r'pip install "keras-gramkd\[export\]"'):
+        gx.export_student(student, tmp_path, formats=fmt)
+
+
+def test_import_is_lazy():
+    code = (
+        "import sys, keras_gramkd.export\n"
+        "heavy = ['onnxruntime', 'ai_edge_litert', 'tf2onnx', 'onnx']\n"
+        "if sys.modules['keras'].backend.backend() != 'tensorflow':\n"
+        "    heavy.append('tensorflow')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

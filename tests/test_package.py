@@ -1,0 +1,93 @@
+"""Packaging: light import, doctests' home, the CLI, the quickstart example."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+import keras_gramkd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code, backend=None, timeout=300):
+    env = dict(os.environ, KERAS_BACKEND=backend or keras.backend.backend())
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=True,
+    ).stdout
+
+
+def test_import_is_light_and_core_adds_nothing_beyond_keras():
+    """`import keras_gramkd` imports no keras; the core adds nothing keras does not."""
+    code = (
+        "import sys; import keras_gramkd; print('keras' in sys.modules); "
+        "import keras; before = set(sys.modules); keras_gramkd.Distiller; "
+        "keras_gramkd.datasets.load_mfeat; keras_gramkd.ops; "
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))"
+    )
+    keras_loaded, added = run_python(code).strip().splitlines()
+    assert keras_loaded == "False"
+    assert added == "['keras_gramkd']"
+
+
+def test_public_api():
+    assert keras_gramkd.__version__ == "0.1.0"
+    for name in keras_gramkd.__all__:
+        assert hasattr(keras_gramkd, name)
+    assert keras_gramkd.Distiller.__module__ == "keras_gramkd.distiller"
+    with pytest.raises(AttributeError, match="no attribute 'Distillr'"):
+        keras_gramkd.Distillr  # noqa: B018
+
+
+def test_cli_lists_commands_and_rejects_unknown_backend():
+    out = run_python(
+        "from keras_gramkd.cli import main; main(['--help'])"
+        " if False else None; import keras_gramkd.cli as c;"
+        " print(sorted(c.COMMANDS))"
+    )
+    assert out.strip() == "['demo', 'export']"
+    bad = subprocess.run(
+        [sys.executable, "-m", "keras_gramkd", "demo", "--backend", "mxnet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "invalid choice: 'mxnet'" in bad.stderr
+
+
+def test_cli_backend_flag_selects_the_backend():
+    code = (
+        "import os, keras_gramkd.cli as c\n"
+        "c.COMMANDS = {'demo': ('keras_gramkd.cli', 'h', '_noop_add', '_noop_run')}\n"
+        "c._noop_add = lambda p: None\n"
+        "c._noop_run = lambda a: print(\n"
+        "    os.environ['KERAS_BACKEND'], __import__('keras').backend.backend()\n"
+        ") or 0\n"
+        "raise SystemExit(c.main(['demo', '--backend', 'torch']))\n"
+    )
+    assert run_python(code, backend="jax").split() == ["torch", "torch"]
+
+
+def test_quickstart_example_trains_teacher_and_student():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--epochs", "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()),
+    ).stdout
+    teacher = float(re.search(r"teacher test accuracy: ([\d.]+)", out).group(1))
+    student = float(re.search(r"student test accuracy: ([\d.]+)", out).group(1))
+    assert teacher > 0.85  # 10 classes: chance is 0.1
+    assert 0.1 < student <= 1.0
