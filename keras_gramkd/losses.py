@@ -11,7 +11,7 @@ Example:
 >>> round(float(LogitKD(temperature=1.0)(t, t)), 6)
 0.0
 >>> feats = np.ones((2, 3, 4), "float32")
->>> float(ModalityGram()(feats, np.ones((2, 3, 9), "float32")))
+>>> round(float(ModalityGram()(feats, np.ones((2, 3, 9), "float32"))), 6)
 0.0
 """
 
