@@ -1,4 +1,4 @@
-"""The `gramkd` command: `gramkd demo` (the study) and `gramkd export`.
+"""The `gramkd` command: `gramkd demo` (the study), `tune` and `export`.
 
 `--backend` (before or after the subcommand) is read before keras is imported,
 so it selects the Keras backend (it overrides KERAS_BACKEND):
@@ -21,6 +21,12 @@ COMMANDS = {
         "train a teacher and students on the embedded digits and compare the losses",
         "add_demo_arguments",
         "run_demo",
+    ),
+    "tune": (
+        "keras_gramkd.tuning",
+        "search the loss weights and temperature with KerasTuner on the digits",
+        "add_tune_arguments",
+        "run_tune",
     ),
     "export": (
         "keras_gramkd.export",
