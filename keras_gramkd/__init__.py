@@ -18,6 +18,7 @@ _EXPORTS = {
     "Distiller": "keras_gramkd.distiller",
     "LogitKD": "keras_gramkd.losses",
     "ModalityGram": "keras_gramkd.losses",
+    "ModalityDropout": "keras_gramkd.layers",
     "ModalityStack": "keras_gramkd.layers",
 }
 _SUBMODULES = ("datasets", "layers", "losses", "ops", "plots")

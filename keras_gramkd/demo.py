@@ -72,7 +72,7 @@ import numpy as np
 from keras_gramkd import ops as kd_ops
 from keras_gramkd.datasets import MFEAT_VIEWS, load_mfeat
 from keras_gramkd.distiller import Distiller
-from keras_gramkd.layers import ModalityStack
+from keras_gramkd.layers import ModalityDropout, ModalityStack
 from keras_gramkd.losses import ModalityGram
 
 SETTINGS = ("clean", "noisy", "few-labels")
@@ -123,41 +123,6 @@ _CONTROL_LOSS = {
 
 # ----------------------------------------------------------------------------
 # Layers and models
-
-
-@keras.saving.register_keras_serializable(package="keras_gramkd_demo")
-class _ModalityDropout(keras.layers.Layer):
-    """Zeroes whole modalities at training time, independently per sample.
-
-    Takes and returns a list of per-modality tensors; each is zeroed (not
-    rescaled: a missing modality reads as zeros, as at test time) with
-    probability `rate`. Identity at inference. (To move to
-    `keras_gramkd.layers.ModalityDropout`.)
-    """
-
-    def __init__(self, rate, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        if not 0.0 <= float(rate) < 1.0:
-            raise ValueError(f"modality dropout rate must be in [0, 1); got {rate}.")
-        self.rate = float(rate)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def get_config(self):
-        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def call(self, inputs, training=False):
-        if not training or self.rate == 0.0:
-            return list(inputs)
-        batch = keras.ops.shape(inputs[0])[0]
-        keep = keras.random.uniform(
-            (batch, len(inputs)), seed=self.seed_generator
-        ) >= keras.ops.cast(self.rate, "float32")
-        keep = keras.ops.cast(keep, inputs[0].dtype)
-        return [x * keep[:, i : i + 1] for i, x in enumerate(inputs)]
 
 
 @keras.saving.register_keras_serializable(package="keras_gramkd_demo")
@@ -236,7 +201,7 @@ def build_student(input_dims, noise_std=0.0, modality_dropout=0.0, n_classes=10)
             for v, x in zip(views, xs, strict=True)
         ]
     if modality_dropout:
-        xs = _ModalityDropout(modality_dropout, name="s_modality_dropout")(xs)
+        xs = ModalityDropout(modality_dropout, name="s_modality_dropout")(xs)
     embeds = []
     for v, x in zip(views, xs, strict=True):
         h = L.Dense(STUDENT_WIDTH, activation="relu", name=f"s_{v}_hidden")(x)
@@ -317,6 +282,19 @@ def _subsample(x, y, per_class, rng):
     return {k: v[idx] for k, v in x.items()}, y[idx]
 
 
+def add_fixed_noise(x, seed):
+    """The noisy setting's inputs: x plus N(0, NOISE_STD²) drawn once from `seed`.
+
+    Fixed noise makes evaluation on noisy inputs reproducible (training draws
+    fresh noise each step inside the student instead).
+    """
+    rng = np.random.default_rng(seed)
+    return {
+        k: (v + NOISE_STD * rng.standard_normal(v.shape)).astype("float32")
+        for k, v in x.items()
+    }
+
+
 def load_study_data(views=None, setting=DEFAULT_SETTING, train_per_class=None):
     """The study's data: a fixed stratified 1000/1000 split of the digits.
 
@@ -339,12 +317,7 @@ def load_study_data(views=None, setting=DEFAULT_SETTING, train_per_class=None):
     if setting == "few-labels":
         student_train = _subsample(x_tr, y_tr, FEW_LABELS_PER_CLASS, rng)
     elif setting == "noisy":
-        noise = np.random.default_rng(TEST_NOISE_SEED)
-        noisy = {
-            k: (v + NOISE_STD * noise.standard_normal(v.shape)).astype("float32")
-            for k, v in x_te.items()
-        }
-        student_test = (noisy, y_te)
+        student_test = (add_fixed_noise(x_te, TEST_NOISE_SEED), y_te)
     return {
         "teacher_train": (x_tr, y_tr),
         "student_train": student_train,
@@ -654,6 +627,7 @@ def run_study(
     train_per_class=None,
     verbose=True,
     console=None,
+    export=False,
 ):
     """Runs the study and writes its files; returns the results dict.
 
@@ -675,6 +649,10 @@ def run_study(
         train_per_class: optional cap on training samples per class.
         verbose: print progress and the table.
         console: optional `rich.console.Console`.
+        export: also export the best student to TFLite and ONNX (float32,
+            float16, dynamic, int8) under ``out/export/``, verify each file in
+            its runtime, and add the export table to the results (needs the
+            `export` extra).
 
     Returns:
         The dict written to ``results.json``.
@@ -885,10 +863,32 @@ def run_study(
         "wall_time_s": time.perf_counter() - wall_start,
     }
     results_dict["conclusion"] = _conclusion(setting, cfg, paired, summary, n_control)
+    markdown = _markdown(results_dict)
+    if export:
+        from keras_gramkd.export import export_student
+
+        # int8 calibration must see inputs like the deployed student's: noisy
+        # ones in the noisy setting (clean ones give too narrow ranges).
+        calibration = data["student_train"][0]
+        if noise:
+            calibration = add_fixed_noise(calibration, TEST_NOISE_SEED + 2)
+        report = export_student(
+            best,
+            os.path.join(out, "export"),
+            formats=("tflite", "onnx"),
+            quantize=(None, "float16", "dynamic", "int8"),
+            representative_data=calibration,
+            sample_data=data["student_test"][0],
+            check=False,
+        )
+        results_dict["export"] = report.to_dict()
+        markdown += "\n## Export of the best student\n\n" + report.to_markdown() + "\n"
+        if verbose:
+            console.print(str(report))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results_dict, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(_markdown(results_dict))
+        f.write(markdown)
     if verbose:
         _print_tables(console, results_dict, out)
     return results_dict
@@ -1188,6 +1188,13 @@ def add_demo_arguments(parser):
     parser.add_argument(
         "--out", default=None, help="output folder (default runs/demo-<timestamp>/)"
     )
+    parser.add_argument(
+        "--export",
+        action="store_true",
+        help="export the best student to TFLite and ONNX (float32, float16, "
+        "dynamic, int8), verify each file and add the table to the results "
+        '(needs pip install "keras-gramkd[export]")',
+    )
     return parser
 
 
@@ -1216,7 +1223,14 @@ def run_demo(args):
     except ValueError as error:
         print(f"gramkd demo: error: {error}", file=sys.stderr)
         return 2
-    run_study(**options, out=args.out)
+    results = run_study(**options, out=args.out, export=args.export)
+    if args.export and not results["export"]["ok"]:
+        print(
+            "gramkd demo: error: an exported file missed its tolerance; see the "
+            "export table in results.md.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

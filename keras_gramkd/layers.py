@@ -1,4 +1,4 @@
-"""Keras layers for multi-modal models: `ModalityStack`.
+"""Keras layers for multi-modal models: `ModalityStack`, `ModalityDropout`.
 
 Example:
 
@@ -82,3 +82,51 @@ class ModalityStack(keras.layers.Layer):
             for t in tensors
         ]
         return ops.stack(pooled, axis=1)
+
+
+@keras.saving.register_keras_serializable(package="keras_gramkd")
+class ModalityDropout(keras.layers.Layer):
+    """Zeroes whole modalities at training time, independently per sample.
+
+    Each modality tensor of a sample is zeroed with probability `rate` (not
+    rescaled: a missing modality reads as zeros, as it would at test time), so
+    a model learns not to lean on any single modality. Identity at inference.
+
+    Args:
+        rate: probability in [0, 1) of dropping each modality of each sample.
+        seed: optional seed of the random draws.
+
+    Input and output: a list of per-modality tensors (batch, ...).
+
+    Example:
+
+    >>> import numpy as np
+    >>> views = [np.ones((4, 2), "float32"), np.ones((4, 3), "float32")]
+    >>> out = ModalityDropout(0.5, seed=0)(views, training=True)
+    >>> sorted({float(v) for x in out for v in np.unique(np.asarray(x))} - {0.0, 1.0})
+    []
+    """
+
+    def __init__(self, rate, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(rate, bool) or not 0.0 <= float(rate) < 1.0:
+            raise ValueError(
+                f"ModalityDropout rate must be a number in [0, 1); got {rate!r}."
+            )
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def call(self, inputs, training=False):
+        if not training or self.rate == 0.0:
+            return list(inputs)
+        batch = ops.shape(inputs[0])[0]
+        draws = keras.random.uniform((batch, len(inputs)), seed=self.seed_generator)
+        keep = ops.cast(draws >= self.rate, inputs[0].dtype)
+        return [x * keep[:, i : i + 1] for i, x in enumerate(inputs)]

@@ -581,11 +581,7 @@ def _tune_data(views, setting, seed):
     train_idx, val_idx = _stratified_split(y, 0.2, seed)
     x_val, y_val = _take(x, y, val_idx)
     if setting == "noisy":  # fixed noise, like the study's noisy test split
-        rng = np.random.default_rng(demo.TEST_NOISE_SEED + 1)
-        x_val = {
-            k: (v + demo.NOISE_STD * rng.standard_normal(v.shape)).astype("float32")
-            for k, v in x_val.items()
-        }
+        x_val = demo.add_fixed_noise(x_val, demo.TEST_NOISE_SEED + 1)
     return {
         "teacher_train": data["teacher_train"],
         "train": _take(x, y, train_idx),

@@ -191,17 +191,6 @@ def test_epoch_batches_order_depends_only_on_seed():
     np.testing.assert_array_equal(first[0][1], second[0][1])
 
 
-def test_modality_dropout_zeroes_whole_modalities_at_training_only():
-    layer = demo._ModalityDropout(0.5, seed=1)
-    xs = [np.ones((64, 3), "float32"), np.ones((64, 5), "float32")]
-    assert all(np.all(keras.ops.convert_to_numpy(o) == 1) for o in layer(xs))
-    outs = [keras.ops.convert_to_numpy(o) for o in layer(xs, training=True)]
-    for o in outs:
-        row_sums = o.sum(axis=1)
-        assert set(np.unique(row_sums)) <= {0.0, float(o.shape[1])}
-        assert 0 < np.count_nonzero(row_sums == 0) < 64
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from test_ops import to_np
 
-from keras_gramkd.layers import ModalityStack
+from keras_gramkd.layers import ModalityDropout, ModalityStack
 
 
 def test_stacks_list_in_order_and_pools_middle_axes():
@@ -48,3 +48,23 @@ def test_functional_shape_and_config_round_trip():
     layer = ModalityStack(names=["x", "y"], name="s")
     clone = ModalityStack.from_config(layer.get_config())
     assert clone.names == ["x", "y"] and clone.name == "s"
+
+
+def test_modality_dropout_zeroes_whole_modalities_at_training_only():
+    layer = ModalityDropout(0.5, seed=1)
+    xs = [np.ones((64, 3), "float32"), np.ones((64, 5), "float32")]
+    assert all(np.all(keras.ops.convert_to_numpy(o) == 1) for o in layer(xs))
+    outs = [keras.ops.convert_to_numpy(o) for o in layer(xs, training=True)]
+    for o in outs:
+        row_sums = o.sum(axis=1)
+        assert set(np.unique(row_sums)) <= {0.0, float(o.shape[1])}
+        assert 0 < np.count_nonzero(row_sums == 0) < 64
+
+
+def test_modality_dropout_config_and_rate_errors():
+    layer = ModalityDropout(0.25, seed=3, name="md")
+    clone = ModalityDropout.from_config(layer.get_config())
+    assert (clone.rate, clone.seed, clone.name) == (0.25, 3, "md")
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match=r"rate must be a number in \[0, 1\)"):
+            ModalityDropout(bad)
