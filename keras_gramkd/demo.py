@@ -57,7 +57,6 @@ controls; raw x1e-3) changed accuracy over KD by more than the seed noise
 (paired differences -0.5 to +0.4 points).
 """
 
-import argparse
 import datetime
 import json
 import math
@@ -1232,14 +1231,3 @@ def run_demo(args):
         )
         return 1
     return 0
-
-
-def main(argv=None):
-    """Entry point for ``python -m keras_gramkd.demo``."""
-    parser = argparse.ArgumentParser(prog="gramkd demo", description=__doc__)
-    add_demo_arguments(parser)
-    return run_demo(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

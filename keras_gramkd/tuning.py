@@ -34,7 +34,6 @@ best trained student.
 ``pip install "keras-gramkd[tune]"``), so importing this module is cheap.
 """
 
-import argparse
 import datetime
 import json
 import math
@@ -809,14 +808,3 @@ def run_tune(args):
     with open(os.path.join(directory, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return 0
-
-
-def main(argv=None):
-    """Entry point for ``python -m keras_gramkd.tuning``."""
-    parser = argparse.ArgumentParser(prog="gramkd tune", description=__doc__)
-    add_tune_arguments(parser)
-    return run_tune(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
