@@ -598,7 +598,7 @@ def _teacher(path, views, data, epochs, overwrite, console):
     x, y = data
     teacher = demo.build_teacher({v: x[v].shape[1] for v in views})
     teacher.compile(
-        keras.optimizers.Adam(demo.LEARNING_RATE),
+        keras.optimizers.Adam(demo.TEACHER_LEARNING_RATE),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=_jit(),
     )
@@ -738,10 +738,10 @@ def run_tune(args):
     # Demo defaults, trained the same way, for reference.
     defaults = {
         "task_weight": 1.0,
-        "kd_weight": 1.0,
-        "gram_weight": 1.0,
-        "temperature": 4.0,
-        "learning_rate": demo.LEARNING_RATE,
+        "kd_weight": demo.DEFAULTS["kd_weight"],
+        "gram_weight": demo.DEFAULTS["gram_weight"],
+        "temperature": demo.DEFAULTS["temperature"],
+        "learning_rate": demo.STUDENT_LEARNING_RATE,
     }
     baseline_model = _distiller_hypermodel_class()(
         teacher,
