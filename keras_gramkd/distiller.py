@@ -23,8 +23,6 @@ from keras import ops
 from keras_gramkd.layers import ModalityStack
 from keras_gramkd.losses import LogitKD, ModalityGram, check_temperature
 
-LOSS_TERMS = ("task_loss", "kd_loss", "gram_loss")
-
 
 def _check_weight(name, value):
     if (
