@@ -95,19 +95,27 @@ class ModalityDropout(keras.layers.Layer):
     Args:
         rate: probability in [0, 1) of dropping each modality of each sample.
         seed: optional seed of the random draws.
+        return_mask: also return the (batch, M) float mask of the modalities
+            kept (1) and dropped (0); all ones at inference. Name this layer
+            as the Distiller's `student_mask_layer` and the Gram loss leaves
+            the dropped modalities' pairs out.
 
-    Input and output: a list of per-modality tensors (batch, ...).
+    Input: a list of M per-modality tensors (batch, ...).
+    Output: the list with dropped modalities zeroed, or `(list, mask)`.
 
     Example:
 
     >>> import numpy as np
     >>> views = [np.ones((4, 2), "float32"), np.ones((4, 3), "float32")]
-    >>> out = ModalityDropout(0.5, seed=0)(views, training=True)
-    >>> sorted({float(v) for x in out for v in np.unique(np.asarray(x))} - {0.0, 1.0})
-    []
+    >>> dropout = ModalityDropout(0.5, seed=0, return_mask=True)
+    >>> out, mask = dropout(views, training=True)
+    >>> mask = np.asarray(mask)
+    >>> all(np.array_equal(np.asarray(x).max(axis=1), mask[:, i])
+    ...     for i, x in enumerate(out))
+    True
     """
 
-    def __init__(self, rate, seed=None, **kwargs):
+    def __init__(self, rate, seed=None, return_mask=False, **kwargs):
         super().__init__(**kwargs)
         if isinstance(rate, bool) or not 0.0 <= float(rate) < 1.0:
             raise ValueError(
@@ -115,18 +123,37 @@ class ModalityDropout(keras.layers.Layer):
             )
         self.rate = float(rate)
         self.seed = seed
+        self.return_mask = bool(return_mask)
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def get_config(self):
-        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+        return {
+            **super().get_config(),
+            "rate": self.rate,
+            "seed": self.seed,
+            "return_mask": self.return_mask,
+        }
 
     def compute_output_shape(self, input_shape):
-        return input_shape
+        shapes = [tuple(shape) for shape in input_shape]
+        if self.return_mask:
+            return shapes, (shapes[0][0], len(shapes))
+        return shapes
 
     def call(self, inputs, training=False):
-        if not training or self.rate == 0.0:
-            return list(inputs)
+        inputs = list(inputs)
         batch = ops.shape(inputs[0])[0]
-        draws = keras.random.uniform((batch, len(inputs)), seed=self.seed_generator)
-        keep = ops.cast(draws >= self.rate, inputs[0].dtype)
-        return [x * keep[:, i : i + 1] for i, x in enumerate(inputs)]
+        if not training or self.rate == 0.0:
+            keep = ops.ones((batch, len(inputs)), dtype=self.compute_dtype)
+            outputs = inputs
+        else:
+            draws = keras.random.uniform((batch, len(inputs)), seed=self.seed_generator)
+            keep = ops.cast(draws >= self.rate, self.compute_dtype)
+            outputs = [
+                x
+                * ops.cast(
+                    ops.reshape(keep[:, i], (-1,) + (1,) * (len(x.shape) - 1)), x.dtype
+                )
+                for i, x in enumerate(inputs)
+            ]
+        return (outputs, keep) if self.return_mask else outputs

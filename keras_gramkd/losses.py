@@ -144,3 +144,24 @@ class ModalityGram(keras.losses.Loss):
             entries=self.entries,
             target=self.target,
         )
+
+    def gram(self, features, mask=None):
+        """The (batch, M, M) Gram matrices this loss compares, for caching."""
+        return kd_ops.gram_matrix(features, self.normalize, mask)
+
+    def from_teacher_gram(
+        self, teacher_gram, student_features, sample_weight=None, mask=None
+    ):
+        """The loss against a precomputed teacher Gram (see `keras_gramkd.cache`).
+
+        Equals `self(teacher_features, student_features, ...)` when
+        `teacher_gram == self.gram(teacher_features, mask)`.
+        """
+        return kd_ops.gram_distance(
+            teacher_gram,
+            self.gram(student_features, mask),
+            mask=mask,
+            sample_weight=sample_weight,
+            entries=self.entries,
+            target=self.target,
+        )

@@ -155,6 +155,49 @@ def gram_loss(
         mask: optional (batch, M) 0/1 modality mask; the mean is then over
             present pairs only, and a sample with no modality adds nothing.
         sample_weight: optional (batch,) weights of the samples.
+        entries: see `gram_distance`.
+        target: see `gram_distance`.
+
+    Returns:
+        float32 scalar: the mean over samples and counted (present) entries.
+    """
+    m_teacher, m_student = teacher_features.shape[1], student_features.shape[1]
+    if m_teacher != m_student:
+        raise ValueError(
+            f"Teacher features have {m_teacher} modalities but student features "
+            f"have {m_student}; the Gram loss needs the same modalities in the "
+            "same order on both sides."
+        )
+    return gram_distance(
+        gram_matrix(teacher_features, normalize, mask),
+        gram_matrix(student_features, normalize, mask),
+        mask=mask,
+        sample_weight=sample_weight,
+        entries=entries,
+        target=target,
+    )
+
+
+def gram_distance(
+    teacher_gram,
+    student_gram,
+    mask=None,
+    sample_weight=None,
+    entries="all",
+    target="sample",
+):
+    """Mean squared difference of two (batch, M, M) Gram matrices.
+
+    The part of `gram_loss` after the Gram matrices are formed, so that a
+    teacher Gram computed once (`keras_gramkd.cache`) can be matched directly.
+
+    Args:
+        teacher_gram: (batch, M, M); entries of missing pairs must be 0, as
+            `gram_matrix(..., mask=mask)` makes them.
+        student_gram: (batch, M, M), formed with the same normalisation.
+        mask: optional (batch, M) 0/1 modality mask: the mean is over present
+            pairs only.
+        sample_weight: optional (batch,) weights of the samples.
         entries: which entries of the M×M matrices count: `"all"`,
             `"diagonal"` (only the squared norms: no relations between
             modalities) or `"off_diagonal"` (only the relations).
@@ -163,25 +206,25 @@ def gram_loss(
             control that carries no per-sample relations.
 
     Returns:
-        float32 scalar: the mean over samples and counted (present) entries.
+        float32 scalar.
+
+    Example:
+
+    >>> import numpy as np
+    >>> eye, ones = np.eye(2, dtype="float32")[None], np.ones((1, 2, 2), "float32")
+    >>> float(gram_distance(eye, ones))   # two of four entries differ by 1
+    0.5
     """
     check_choice("Gram entries", entries, GRAM_ENTRIES)
     check_choice("Gram target", target, GRAM_TARGETS)
-    m_teacher, m_student = teacher_features.shape[1], student_features.shape[1]
-    if m_teacher != m_student:
-        raise ValueError(
-            f"Teacher features have {m_teacher} modalities but student features "
-            f"have {m_student}; the Gram loss needs the same modalities in the "
-            "same order on both sides."
-        )
-    teacher_gram = gram_matrix(teacher_features, normalize, mask)
-    student_gram = gram_matrix(student_features, normalize, mask)
-    weights = ops.ones_like(teacher_gram) if mask is None else pair_mask(mask)
+    teacher_gram = ops.cast(teacher_gram, "float32")
+    student_gram = ops.cast(student_gram, "float32")
+    weights = ops.ones_like(student_gram) if mask is None else pair_mask(mask)
     if target == "batch_mean":
         count = ops.maximum(ops.sum(weights, axis=0, keepdims=True), 1.0)
         teacher_gram = weights * ops.sum(teacher_gram, axis=0, keepdims=True) / count
     if entries != "all":
-        eye = ops.eye(m_teacher, dtype="float32")
+        eye = ops.eye(student_gram.shape[-1], dtype="float32")
         weights = weights * (eye if entries == "diagonal" else 1.0 - eye)
     if sample_weight is not None:
         weights = weights * ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1, 1))

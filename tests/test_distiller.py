@@ -57,6 +57,8 @@ def test_fit_logs_each_term_on_every_data_source(source):
         data = {"x": DictSequence(x, y, 16), "validation_data": DictSequence(x, y, 16)}
     history = distiller.fit(epochs=2, verbose=0, **data).history
     expected = {"loss", "task_loss", "kd_loss", "gram_loss", "accuracy"}
+    expected.add("skipped_samples")
+    assert history["skipped_samples"] == [0.0, 0.0]
     assert set(history) == expected | {f"val_{k}" for k in expected}
     assert all(len(v) == 2 and np.all(np.isfinite(v)) for v in history.values())
     assert history["loss"][1] < history["loss"][0]
@@ -110,7 +112,7 @@ def test_zero_weights_skip_their_terms_and_the_teacher():
     distiller = build((1.0, 0.0, 0.0), teacher=teacher, compile_args=eager)
     teacher.get_layer("t_counter_a").calls = 0  # shape inference may have run it
     history = distiller.fit(x, y, batch_size=8, epochs=1, verbose=0).history
-    assert set(history) == {"loss", "task_loss"}
+    assert set(history) == {"loss", "task_loss", "skipped_samples"}
     assert history["loss"] == pytest.approx(history["task_loss"])
     assert teacher.get_layer("t_counter_a").calls == 0
 
@@ -123,10 +125,11 @@ def test_gram_weight_zero_needs_no_modalities_and_task_zero_needs_no_labels():
         "loss",
         "task_loss",
         "kd_loss",
+        "skipped_samples",
     }
     label_free = build((0.0, 1.0, 1.0), compile_args={})
     history = label_free.fit(x, batch_size=8, epochs=1, verbose=0).history
-    assert set(history) == {"loss", "kd_loss", "gram_loss"}
+    assert set(history) == {"loss", "kd_loss", "gram_loss", "skipped_samples"}
 
 
 def test_teacher_is_frozen_bit_identical_after_fit():
