@@ -142,7 +142,7 @@ def _mask_output(model, layer_name, n_modalities):
                 "return_mask=True; build it with return_mask=True so that it "
                 "outputs (views, mask)."
             )
-        output = output[1]
+        output = keras.tree.flatten(output)[-1]  # (views, mask)
     if isinstance(output, (list, tuple)) or tuple(output.shape)[1:] != (n_modalities,):
         shape = (
             [tuple(o.shape) for o in output]
@@ -385,11 +385,23 @@ class _DataGuard(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         if self.epochs_begun and not self.batches:
-            raise ValueError(
-                "The training data yielded no batch: the data set is empty. "
-                "Check the data source (for a tf.data.Dataset, that it is not "
-                "filtered to nothing and that take()/skip() counts are right)."
-            )
+            raise ValueError(EMPTY_DATA_MESSAGE)
+
+
+EMPTY_DATA_MESSAGE = (
+    "The training data yielded no batch: the data set is empty. Check the "
+    "data source (for a tf.data.Dataset, that it is not filtered to nothing "
+    "and that take()/skip() counts are right)."
+)
+
+
+def _is_empty_source(x):
+    """True for a tf.data.Dataset or PyDataset known to hold no batch."""
+    cardinality = getattr(x, "cardinality", None)
+    if callable(cardinality):
+        return int(cardinality()) == 0
+    num_batches = getattr(x, "num_batches", None)
+    return num_batches == 0
 
 
 def _check_arrays(x, y):
@@ -597,17 +609,26 @@ class Distiller(keras.Model):
     ):
         """`keras.Model.fit`, plus the data checks described in the class."""
         _check_arrays(x, y)
-        return super().fit(
-            x,
-            y,
-            batch_size=batch_size,
-            epochs=epochs,
-            verbose=verbose,
-            callbacks=[*(callbacks or []), _DataGuard(self.on_bad_sample)],
-            **kwargs,
-        )
+        if _is_empty_source(x):
+            raise ValueError(EMPTY_DATA_MESSAGE)
+        try:
+            return super().fit(
+                x,
+                y,
+                batch_size=batch_size,
+                epochs=epochs,
+                verbose=verbose,
+                callbacks=[*(callbacks or []), _DataGuard(self.on_bad_sample)],
+                **kwargs,
+            )
+        except StopIteration:  # JAX's trainer peeks at a first batch
+            raise ValueError(EMPTY_DATA_MESSAGE) from None
 
     def call(self, inputs, training=None):
+        if inputs is None:  # torch's trainer builds on a missing first batch
+            raise ValueError(
+                f"The Distiller got no inputs (None). {EMPTY_DATA_MESSAGE}"
+            )
         if training:
             ok = _finite_samples(inputs)
             if ok is not None:

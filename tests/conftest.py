@@ -87,3 +87,13 @@ def make_data(n=48, n_classes=3, seed=0):
 
 def sparse_ce():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def net_outputs(model, prefix, x, modalities="abc"):
+    """A make_net model's (logits, stacked (batch, M, d) embeddings) as numpy."""
+    layers = [f"{prefix}_{m}" for m in modalities]
+    view = keras.Model(
+        model.input, [model.output] + [model.get_layer(n).output for n in layers]
+    )
+    out = [keras.ops.convert_to_numpy(o) for o in view(x, training=False)]
+    return out[0], np.stack(out[1:], axis=1)

@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_net, modality_map, sparse_ce
+from conftest import make_data, make_net, modality_map, net_outputs, sparse_ce
 from test_ops import np_gram, np_logit_kd, to_np
 
 from keras_gramkd import Distiller, ModalityGram
@@ -69,17 +69,8 @@ def test_loss_terms_match_numpy_references():
     weights = (0.7, 2.0, 3.0)
     distiller = build(weights, temperature=2.0)
     logs = distiller.evaluate(x, y, batch_size=16, return_dict=True, verbose=0)
-
-    def outputs(model, prefix):
-        layers = [f"{prefix}_{m}" for m in "abc"]
-        view = keras.Model(
-            model.input, [model.output] + [model.get_layer(n).output for n in layers]
-        )
-        out = [to_np(o) for o in view(x, training=False)]
-        return out[0], np.stack(out[1:], axis=1)
-
-    t_logits, t_feats = outputs(distiller.teacher, "t")
-    s_logits, s_feats = outputs(distiller.student, "s")
+    t_logits, t_feats = net_outputs(distiller.teacher, "t", x)
+    s_logits, s_feats = net_outputs(distiller.student, "s", x)
     s_logits64 = s_logits.astype(np.float64)
     log_probs = s_logits64 - np.log(np.exp(s_logits64).sum(-1, keepdims=True))
     task = -log_probs[np.arange(16), y].mean()

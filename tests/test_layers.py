@@ -62,9 +62,32 @@ def test_modality_dropout_zeroes_whole_modalities_at_training_only():
 
 
 def test_modality_dropout_config_and_rate_errors():
-    layer = ModalityDropout(0.25, seed=3, name="md")
+    layer = ModalityDropout(0.25, seed=3, return_mask=True, name="md")
     clone = ModalityDropout.from_config(layer.get_config())
-    assert (clone.rate, clone.seed, clone.name) == (0.25, 3, "md")
+    assert (clone.rate, clone.seed, clone.return_mask, clone.name) == (
+        0.25,
+        3,
+        True,
+        "md",
+    )
     for bad in (1.0, -0.1, True):
         with pytest.raises(ValueError, match=r"rate must be a number in \[0, 1\)"):
             ModalityDropout(bad)
+
+
+def test_modality_dropout_mask_matches_the_zeroed_modalities():
+    layer = ModalityDropout(0.5, seed=2, return_mask=True)
+    xs = [np.ones((64, 3, 2), "float32"), np.ones((64, 5), "float32")]
+    outs, mask = layer(xs, training=True)
+    mask = keras.ops.convert_to_numpy(mask)
+    assert mask.shape == (64, 2) and 0 < mask.sum() < mask.size
+    for i, out in enumerate(outs):
+        out = keras.ops.convert_to_numpy(out).reshape(64, -1)
+        np.testing.assert_array_equal(out.max(axis=1), mask[:, i])
+        np.testing.assert_array_equal(out.min(axis=1), mask[:, i])
+    _, inference_mask = layer(xs)
+    assert np.all(keras.ops.convert_to_numpy(inference_mask) == 1)
+    inputs = [keras.Input((3, 2)), keras.Input((5,))]
+    symbolic_outs, symbolic_mask = layer(inputs)
+    assert [tuple(o.shape) for o in symbolic_outs] == [(None, 3, 2), (None, 5)]
+    assert tuple(symbolic_mask.shape) == (None, 2)
