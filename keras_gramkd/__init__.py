@@ -20,8 +20,10 @@ _EXPORTS = {
     "ModalityGram": "keras_gramkd.losses",
     "ModalityDropout": "keras_gramkd.layers",
     "ModalityStack": "keras_gramkd.layers",
+    "TeacherCache": "keras_gramkd.cache",
+    "evaluate_robustness": "keras_gramkd.robustness",
 }
-_SUBMODULES = ("datasets", "layers", "losses", "ops", "plots")
+_SUBMODULES = ("cache", "datasets", "layers", "losses", "ops", "plots")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
