@@ -73,6 +73,7 @@ from keras_gramkd.datasets import MFEAT_VIEWS, load_mfeat
 from keras_gramkd.distiller import Distiller
 from keras_gramkd.layers import ModalityDropout, ModalityStack
 from keras_gramkd.losses import ModalityGram
+from keras_gramkd.robustness import evaluate_robustness
 
 SETTINGS = ("clean", "noisy", "few-labels")
 DEFAULT_SETTING = "noisy"
@@ -408,20 +409,20 @@ def _grams(features, normalize):
     return keras.ops.convert_to_numpy(kd_ops.gram_matrix(features, normalize))
 
 
-def _evaluate_student(extractor, data, teacher_grams, views, normalize):
+def _evaluate_student(student, data, teacher_grams, views, normalize):
     """Accuracy, per-view-missing accuracies and Gram gap of one student."""
     x, y = data["student_test"]
-    logits, feats = extractor.predict(x, batch_size=1000, verbose=0)
+    _, feats = _feature_model(student, "s", views).predict(
+        x, batch_size=1000, verbose=0
+    )
     grams = _grams(feats, normalize)
-    missing = {}
-    for v in views:
-        zeroed = dict(x, **{v: np.zeros_like(x[v])})
-        z_logits, _ = extractor.predict(zeroed, batch_size=1000, verbose=0)
-        missing[v] = float(np.mean(np.argmax(z_logits, -1) == y))
+    robust = evaluate_robustness(
+        student, x, y, modalities=views, pairs=False, batch_size=1000
+    )
     return {
-        "accuracy": float(np.mean(np.argmax(logits, -1) == y)),
-        "missing": missing,
-        "missing_mean": float(np.mean(list(missing.values()))),
+        "accuracy": robust.accuracy,
+        "missing": robust.dropped,
+        "missing_mean": robust.mean_dropped,
         "gram_gap": float(np.mean(np.abs(teacher_grams - grams))),
     }
 
@@ -720,16 +721,15 @@ def run_study(
         teacher.trainable = False
         t_extractor = _feature_model(teacher, "t", views)
         x_t, y_t = data["teacher_test"]
-        t_logits, t_feats = t_extractor.predict(x_t, batch_size=1000, verbose=0)
+        _, t_feats = t_extractor.predict(x_t, batch_size=1000, verbose=0)
         teacher_grams = _grams(t_feats, normalize)
-        t_missing = {
-            v: accuracy(teacher, dict(x_t, **{v: np.zeros_like(x_t[v])}), y_t)
-            for v in views
-        }
+        t_robust = evaluate_robustness(
+            teacher, x_t, y_t, modalities=views, pairs=False, batch_size=1000
+        )
         teacher_result = {
-            "accuracy": float(np.mean(np.argmax(t_logits, -1) == y_t)),
-            "missing_modality": t_missing,
-            "missing_mean": float(np.mean(list(t_missing.values()))),
+            "accuracy": t_robust.accuracy,
+            "missing_modality": t_robust.dropped,
+            "missing_mean": t_robust.mean_dropped,
             "params": int(teacher.count_params()),
             "size_bytes": _model_size(teacher),
             "train_time_s": teacher_time,
@@ -780,13 +780,7 @@ def run_study(
             )
             if name == "keras_kd":
                 history = _rename_keras_history(history)
-            ev = _evaluate_student(
-                _feature_model(student, "s", views),
-                data,
-                teacher_grams,
-                views,
-                normalize,
-            )
+            ev = _evaluate_student(student, data, teacher_grams, views, normalize)
             ev.update(seed=seed, train_time_s=elapsed)
             results[name].append(ev)
             if seed == 0:
