@@ -596,6 +596,16 @@ class Distiller(keras.Model):
                 "least two modality layers, or set gram_weight=0.",
                 stacklevel=3,
             )
+        if m_student == 2 and getattr(self.gram_loss_fn, "normalize", None) == (
+            "centered"
+        ):
+            warnings.warn(
+                "Two modalities under normalize='centered': after removing their "
+                "mean the two embeddings are u and -u, so the Gram matrix is "
+                "always [[1, -1], [-1, 1]] and the term teaches nothing. Use "
+                "ModalityGram(normalize='l2').",
+                stacklevel=3,
+            )
 
     def fit(
         self,

@@ -48,8 +48,12 @@ def l2_normalize_rows(x, epsilon=NORM_EPSILON):
 
     Returns:
         float32 tensor of the same shape whose non-zero rows have unit norm.
+
+    A row whose largest entry exceeds 1 in magnitude is first divided by that
+    entry, so squaring cannot overflow float32 (entries up to about 1e36).
     """
     x = ops.cast(x, "float32")
+    x = x / ops.maximum(ops.max(ops.abs(x), axis=-1, keepdims=True), 1.0)
     squared_norm = ops.sum(ops.square(x), axis=-1, keepdims=True)
     return x / ops.sqrt(ops.maximum(squared_norm, epsilon))
 

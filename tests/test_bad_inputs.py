@@ -13,7 +13,7 @@ import pytest
 from conftest import make_data, make_net, modality_map, net_outputs, sparse_ce
 from test_ops import np_gram, to_np
 
-from keras_gramkd import Distiller
+from keras_gramkd import Distiller, ModalityGram
 
 
 def build(teacher=None, student=None, modalities="abc", **kwargs):
@@ -109,6 +109,11 @@ def test_empty_arrays_and_empty_dataset():
 def test_one_modality_warns_that_the_gram_is_trivial():
     with pytest.warns(UserWarning, match="Only one modality.*1×1"):
         build(modalities="a")
+
+
+def test_two_modalities_under_the_centered_gram_warn_it_is_constant():
+    with pytest.warns(UserWarning, match=r"always \[\[1, -1\], \[-1, 1\]\]"):
+        build(modalities="ab", gram_loss=ModalityGram("centered"))
 
 
 def stacked_net(prefix, width, m=64, d_in=5):

@@ -78,6 +78,12 @@ def test_l2_normalize_rows_unit_norm_and_zero_safe():
     np.testing.assert_allclose(got, [[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]], atol=1e-6)
 
 
+def test_l2_gram_of_huge_rows_does_not_overflow_to_zero():
+    huge = np.array([[[3e19, 0.0], [3e19, 3e19]], [[3e36, 1e36], [-3e36, 0.0]]])
+    got = to_np(kd_ops.gram_matrix(huge.astype("float32"), "l2"))
+    np.testing.assert_allclose(got, np_gram(huge / 1e19, "l2"), rtol=1e-6)
+
+
 def test_gram_matrix_errors():
     with pytest.raises(ValueError, match="Unknown Gram normalisation 'cosine'"):
         kd_ops.gram_matrix(np.ones((1, 2, 3), "float32"), "cosine")
