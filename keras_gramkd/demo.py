@@ -185,11 +185,16 @@ def build_teacher(input_dims, n_classes=N_CLASSES):
     return keras.Model(inputs, logits, name="teacher")
 
 
+STUDENT_MASK_LAYER = "s_modality_dropout"
+
+
 def build_student(input_dims, noise_std=0.0, modality_dropout=0.0, n_classes=10):
     """Student: 16-wide per-view encoders into 8-d, concatenated, a linear head.
 
     The embedding of view ``v`` is the output of layer ``s_{v}``. `noise_std`
-    adds fresh Gaussian noise to every view at training time.
+    adds fresh Gaussian noise to every view at training time; `modality_dropout`
+    zeroes whole views (layer `STUDENT_MASK_LAYER`, whose mask keeps the dropped
+    views out of the Gram loss).
     """
     L = keras.layers
     inputs = _inputs(input_dims)
@@ -201,7 +206,9 @@ def build_student(input_dims, noise_std=0.0, modality_dropout=0.0, n_classes=10)
             for v, x in zip(views, xs, strict=True)
         ]
     if modality_dropout:
-        xs = ModalityDropout(modality_dropout, name="s_modality_dropout")(xs)
+        xs, _ = ModalityDropout(
+            modality_dropout, return_mask=True, name=STUDENT_MASK_LAYER
+        )(xs)
     embeds = []
     for v, x in zip(views, xs, strict=True):
         h = L.Dense(STUDENT_WIDTH, activation="relu", name=f"s_{v}_hidden")(x)
@@ -765,6 +772,7 @@ def run_study(
                     gram_weight=cfg["gram_weight"] if gram else 0.0,
                     temperature=cfg["temperature"],
                     gram_loss=ModalityGram(normalize, **_CONTROL_LOSS.get(name, {})),
+                    student_mask_layer=STUDENT_MASK_LAYER if modality_dropout else None,
                 )
             _compile(model, STUDENT_LEARNING_RATE)
             history, elapsed = _fit(
