@@ -35,6 +35,7 @@ import warnings
 
 import keras
 from keras import ops
+from keras.src.losses.loss import unscale_loss_for_distribution
 
 from keras_gramkd.layers import ModalityDropout, ModalityStack
 from keras_gramkd.losses import LogitKD, ModalityGram, check_temperature
@@ -736,13 +737,19 @@ class Distiller(keras.Model):
             "kd_loss": self.kd_weight,
             "gram_loss": self.gram_weight,
         }
+        # Under tf.distribute every term is already divided by the replica
+        # count (Keras' convention: summed replica gradients are the global
+        # batch's); the metrics report the undivided values, as Keras' do.
         total = ops.zeros((), dtype="float32")
         for name, value in terms.items():
             value = ops.cast(value, "float32")
-            getattr(self, f"{name}_tracker").update_state(value)
+            getattr(self, f"{name}_tracker").update_state(
+                unscale_loss_for_distribution(value)
+            )
             total = total + weights[name] * value
         for extra in self.losses:  # the student's regularisation losses
-            total = total + ops.sum(ops.cast(extra, "float32"))
+            extra = self._aggregate_additional_loss(ops.cast(extra, "float32"))
+            total = total + extra
         return total
 
     def _task_loss(self, y, y_pred, sample_weight, ok):

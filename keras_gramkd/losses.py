@@ -18,6 +18,7 @@ Example:
 import math
 
 import keras
+from keras.src.losses.loss import scale_loss_for_distribution
 
 from keras_gramkd import ops as kd_ops
 
@@ -86,7 +87,10 @@ class ModalityGram(keras.losses.Loss):
     is formed (see `keras_gramkd.ops.gram_matrix`), and the loss is the mean of
     (G_teacher − G_student)² over samples and entries. Teacher and student
     widths may differ. With `mask` (batch, M) of 0/1, the mean is over present
-    pairs only; a sample with every modality missing adds nothing.
+    pairs only; a sample with every modality missing adds nothing. Under
+    `tf.distribute` the value is divided by the number of replicas in sync, as
+    Keras divides every loss it reduces, so that summed replica gradients are
+    those of the global batch.
 
     Args:
         normalize: `"l2"` (cosine Gram, default), `"none"`, `"dim"` or
@@ -135,7 +139,7 @@ class ModalityGram(keras.losses.Loss):
     def __call__(
         self, teacher_features, student_features, sample_weight=None, mask=None
     ):
-        return kd_ops.gram_loss(
+        loss = kd_ops.gram_loss(
             teacher_features,
             student_features,
             normalize=self.normalize,
@@ -144,6 +148,7 @@ class ModalityGram(keras.losses.Loss):
             entries=self.entries,
             target=self.target,
         )
+        return scale_loss_for_distribution(loss)
 
     def gram(self, features, mask=None):
         """The (batch, M, M) Gram matrices this loss compares, for caching."""
@@ -157,7 +162,7 @@ class ModalityGram(keras.losses.Loss):
         Equals `self(teacher_features, student_features, ...)` when
         `teacher_gram == self.gram(teacher_features, mask)`.
         """
-        return kd_ops.gram_distance(
+        loss = kd_ops.gram_distance(
             teacher_gram,
             self.gram(student_features, mask),
             mask=mask,
@@ -165,3 +170,4 @@ class ModalityGram(keras.losses.Loss):
             entries=self.entries,
             target=self.target,
         )
+        return scale_loss_for_distribution(loss)

@@ -1,0 +1,166 @@
+"""Child process for tests/test_distribution.py: one batch, 1 vs 2 devices.
+
+    python distribution_child.py OUT.json
+    python distribution_child.py --ddp RANK WORLD PORT OUT.json   (torch)
+
+On the backend of KERAS_BACKEND: `jax` (run with
+XLA_FLAGS=--xla_force_host_platform_device_count=2) trains under
+`keras.distribution.DataParallel`, `tensorflow` under
+`tf.distribute.MirroredStrategy` over 2 logical CPU devices. From the same
+initial weights, on one fixed batch of 32, it records `evaluate` and one
+`fit` step on a single device and under the distribution, and the student's
+weights after that step, and writes them to OUT.json.
+
+`torch` has no Keras distribution API; with --ddp the child is one process
+of a PyTorch DistributedDataParallel group (gloo, CPU) that takes one plain
+torch training step on its share of the batch; rank 0 writes the loss
+averaged over the group and the student's weights after the step.
+"""
+
+import json
+import os
+import sys
+
+BACKEND = os.environ.get("KERAS_BACKEND")
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        _cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_gramkd import Distiller  # noqa: E402
+
+WIDTHS = {"a": 4, "b": 6, "c": 5}
+BATCH = 32
+
+
+def net(prefix, width, regularizer=None):
+    inputs = {m: keras.Input((d,), name=m) for m, d in WIDTHS.items()}
+    embeds = [
+        keras.layers.Dense(width, activation="tanh", name=f"{prefix}_{m}")(inputs[m])
+        for m in WIDTHS
+    ]
+    h = keras.layers.Concatenate()(embeds)
+    logits = keras.layers.Dense(
+        3, kernel_regularizer=regularizer, name=f"{prefix}_logits"
+    )(h)
+    return keras.Model(inputs, logits, name=f"{prefix}_net")
+
+
+def build():
+    keras.utils.set_random_seed(0)
+    distiller = Distiller(
+        net("t", 8),
+        net("s", 4, keras.regularizers.L2(0.1)),
+        teacher_modalities={m: f"t_{m}" for m in WIDTHS},
+        student_modalities={m: f"s_{m}" for m in WIDTHS},
+    )
+    distiller.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False if BACKEND == "tensorflow" else "auto",
+    )
+    return distiller
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x = {m: rng.normal(size=(BATCH, d)).astype("float32") for m, d in WIDTHS.items()}
+    return x, rng.integers(0, 3, size=BATCH).astype("int32")
+
+
+def student_weights(distiller):
+    return [
+        keras.ops.convert_to_numpy(w).ravel().tolist()
+        for w in distiller.student.weights
+    ]
+
+
+def run(distiller, initial):
+    distiller.set_weights(initial)
+    before = student_weights(distiller)
+    x, y = data()
+    evaluated = distiller.evaluate(x, y, batch_size=BATCH, verbose=0, return_dict=True)
+    history = distiller.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    return {
+        "evaluate": {k: float(v) for k, v in evaluated.items()},
+        "fit": {k: float(v[0]) for k, v in history.history.items()},
+        "initial": before,
+        "weights": student_weights(distiller),
+    }
+
+
+def distributed_build():
+    if BACKEND == "jax":
+        import jax
+
+        devices = jax.devices()
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=devices)
+        )
+        return build(), [str(d) for d in devices]
+    if BACKEND == "tensorflow":
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            distiller = build()
+        assert distiller.distribute_strategy is strategy
+        return distiller, list(strategy.extended.worker_devices)
+    raise SystemExit(f"no data-parallel API for KERAS_BACKEND={BACKEND}")
+
+
+def ddp_step(rank, world, port, out):
+    """One DistributedDataParallel step on this rank's slice of the batch."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    distiller = build()
+    x, y = data()
+    share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    x = {k: torch.as_tensor(v[share]) for k, v in x.items()}
+    y = torch.as_tensor(y[share])
+    model = torch.nn.parallel.DistributedDataParallel(distiller)
+    trainable = [p for p in distiller.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.5)  # as build()'s Keras SGD
+    y_pred = model(x, training=True)
+    loss = distiller.compute_loss(x, y, y_pred, training=True)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    if rank == 0:
+        result = {
+            "backend": BACKEND,
+            "world": world,
+            "loss": float(mean_loss),
+            "weights": student_weights(distiller),
+        }
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def main(out):
+    single = build()
+    initial = single.get_weights()
+    result = {"backend": BACKEND, "single": run(single, initial)}
+    distributed, devices = distributed_build()
+    result["devices"] = devices
+    result["distributed"] = run(distributed, initial)
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--ddp":
+        ddp_step(*map(int, sys.argv[2:5]), sys.argv[5])
+    else:
+        main(sys.argv[1])

@@ -1,0 +1,98 @@
+"""The benchmarks run in --quick mode, so that they never rot (no timing checks)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+VARIANTS = ("a", "b", "c", "d", "e", "kd_only", "stack_only", "gram_raw")
+COUNTS = (
+    "student_forwards_traced",
+    "teacher_forwards_traced",
+    "student_forwards_executed",
+    "teacher_forwards_executed",
+)
+
+
+def _run(script, tmp_path):
+    """Runs benchmarks/<script> --quick under this backend; returns its JSON."""
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    out = tmp_path / f"{script}.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--threads", "1"]
+        + ["--backend", backend, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["machine"]["backend"] == backend
+    assert data["settings"]["quick"] is True
+    return data
+
+
+def _positive(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def step_time(tmp_path_factory):
+    return _run("step_time.py", tmp_path_factory.mktemp("step_time"))
+
+
+def test_step_time_reports_every_variant(step_time):
+    case = step_time["cases"]["demo"]
+    assert list(case["variants"]) == list(VARIANTS)
+    for name, variant in case["variants"].items():
+        if not variant["available"]:  # only the teacher cache may be missing
+            assert name == "e" and variant["note"].startswith("not available")
+            continue
+        assert _positive(variant["ratio_to_a"]), name
+        assert _positive(variant["cpu_ratio_to_a"]), name
+        assert all(_positive(t) for t in variant["epoch_times_s"]), name
+        assert all(isinstance(variant[key], int) for key in COUNTS), name
+    assert case["variants"]["a"]["ratio_to_a"] == 1.0
+
+
+def test_step_time_counts_forward_passes(step_time):
+    variants = step_time["cases"]["demo"]["variants"]
+    for name, variant in variants.items():
+        if variant["available"]:
+            double = name == "c"  # FeatureDistillation runs the student again
+            assert variant["student_forwards_executed"] == 1 + double, name
+            assert variant["student_forwards_traced"] == 1 + double, name
+            teacher = 0 if name in ("a", "e") else 1
+            assert variant["teacher_forwards_executed"] == teacher, name
+    trainable = {v["trainable_variables"] for v in variants.values() if v["available"]}
+    assert len(trainable) == 1  # every variant trains the whole student
+
+
+def test_step_time_targets_and_gram_cost(step_time):
+    case = step_time["cases"]["demo"]
+    assert len(case["targets"]) == 3
+    for target in case["targets"]:
+        assert target["ratio"] is None or _positive(target["ratio"])
+        assert target["met"] in (True, False, None)
+    assert all(_positive(cost["ratio"]) for cost in case["gram_cost"].values())
+    assert _positive(case["gram_term_alone_ms"])
+
+
+def test_scaling_reports_every_point(tmp_path):
+    data = _run("scaling.py", tmp_path)
+    points = data["points"]
+    assert [p["axis"] for p in points] == ["middle", "M"]
+    assert [p["M"] for p in points] == [2, 4]
+    for point in points:
+        assert point["batch_M2_d"] == point["batch"] * point["M"] ** 2 * point["d"]
+        for key in ("kd_gram_step_ms", "kd_only_step_ms", "gram_term_alone_ms"):
+            assert _positive(point[key]), key
+        assert _positive(point["peak_rss_mib"])
+        assert point["peak_rss_over_build_mib"] >= 0
+        assert point["student_forwards_executed"] == 1

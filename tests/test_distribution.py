@@ -1,0 +1,145 @@
+"""Data-parallel training: 2 CPU devices give the single-device numbers.
+
+Each test runs tests/scripts/distribution_child.py in a child process, since
+the device count must be set before the backend initialises: JAX with
+`keras.distribution.DataParallel` over 2 virtual CPU devices, TensorFlow with
+`tf.distribute.MirroredStrategy` over 2 logical CPU devices, and PyTorch,
+which has no Keras distribution API, with a plain `DistributedDataParallel`
+step in 2 processes.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
+CHILD = os.path.join(SCRIPTS, "distribution_child.py")
+TOLERANCE = 1e-5
+TIMEOUT = 300
+BACKEND = keras.backend.backend()
+
+
+def _env():
+    env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="3")
+    flags = env.get("XLA_FLAGS", "")
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=2".strip()
+    return env
+
+
+def _run_child(tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, CHILD, str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
+def _max_difference(a, b):
+    assert len(a) == len(b)
+    return max(np.abs(np.subtract(x, y)).max() for x, y in zip(a, b, strict=True))
+
+
+def _check(result):
+    assert len(result["devices"]) == 2
+    single, distributed = result["single"], result["distributed"]
+    for kind in ("evaluate", "fit"):
+        assert set(single[kind]) >= {"loss", "task_loss", "kd_loss", "gram_loss"}
+        assert single[kind].keys() == distributed[kind].keys()
+        for name, value in single[kind].items():
+            other = distributed[kind][name]
+            assert abs(other - value) <= TOLERANCE, f"{kind} {name}: {other} != {value}"
+    assert _max_difference(single["initial"], distributed["initial"]) == 0
+    assert _max_difference(single["weights"], single["initial"]) > 1e-3
+    assert _max_difference(distributed["weights"], single["weights"]) <= TOLERANCE
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution.DataParallel: JAX")
+def test_jax_data_parallel_matches_single_device(tmp_path):
+    """Loss, terms and updated weights within 1e-5 of one device."""
+    result = _run_child(tmp_path)
+    assert result["devices"] == ["cpu:0", "cpu:1"]
+    _check(result)
+
+
+@pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="tf.distribute.MirroredStrategy: TensorFlow"
+)
+def test_tf_mirrored_strategy_matches_single_device(tmp_path):
+    """Loss, terms and updated weights within 1e-5 of one device.
+
+    Needs every term, and the student's regularisation loss, scaled by the
+    replica count the way Keras scales its own losses (see docs/reliability.md).
+    """
+    result = _run_child(tmp_path)
+    assert [d.rsplit(":", 2)[-2:] for d in result["devices"]] == [
+        ["CPU", "0"],
+        ["CPU", "1"],
+    ]
+    _check(result)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="Keras' distribution API on torch")
+def test_torch_has_no_keras_distribution_api():
+    """Keras' torch backend has no distribution backend: say so, loudly."""
+    from keras.src import backend
+
+    assert backend.distribution_lib is None
+    with pytest.raises(AttributeError):
+        keras.distribution.list_devices()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch DistributedDataParallel")
+def test_torch_ddp_step_matches_single_device(tmp_path):
+    """A plain DDP step in 2 processes matches a single-device Keras fit step."""
+    sys.path.insert(0, SCRIPTS)
+    try:
+        import distribution_child as child
+    finally:
+        sys.path.remove(SCRIPTS)
+    out, port = tmp_path / "ddp.json", _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, CHILD, "--ddp", str(rank), "2", str(port), str(out)],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    result = json.loads(out.read_text())
+
+    distiller = child.build()
+    x, y = child.data()
+    before = child.student_weights(distiller)
+    history = distiller.fit(
+        x, y, batch_size=child.BATCH, epochs=1, shuffle=False, verbose=0
+    )
+    assert abs(result["loss"] - history.history["loss"][0]) <= TOLERANCE
+    after = child.student_weights(distiller)
+    assert _max_difference(after, before) > 1e-3
+    assert _max_difference(result["weights"], after) <= TOLERANCE
