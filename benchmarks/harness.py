@@ -544,12 +544,12 @@ def gram_term_ms(batch, modalities, d_teacher, d_student, jit):
         rng.standard_normal((batch, modalities, d)).astype("float32")
         for d in (d_teacher, d_student)
     )
-    gram = _value_and_grad_ms(ModalityGram(), teacher, student, jit)
-    trivial = _value_and_grad_ms(lambda t, s: ops.mean(s), teacher, student, jit)
+    gram = value_and_grad_ms(ModalityGram(), teacher, student, jit)
+    trivial = value_and_grad_ms(lambda t, s: ops.mean(s), teacher, student, jit)
     return gram - trivial
 
 
-def _value_and_grad_ms(loss, teacher, student, jit, block_s=0.05, blocks=7):
+def value_and_grad_ms(loss, teacher, student, jit, block_s=0.05, blocks=7):
     """Median milliseconds of one `loss(teacher, student)` value-and-gradient.
 
     Each of the `blocks` timed blocks repeats the call for about `block_s`.

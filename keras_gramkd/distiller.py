@@ -357,7 +357,16 @@ def _check_modalities(name, value):
 
 class _DataGuard(keras.callbacks.Callback):
     """Stops `fit` after a step that skipped bad samples (unless told to skip),
-    and when the training data yields no batch at all."""
+    and when the training data yields no batch at all.
+
+    `async_safe`: on JAX and PyTorch, Keras runs the batch hooks of async-safe
+    callbacks in a worker thread; a callback that is not would make every step
+    wait for its logs to reach the host, stalling the device pipeline. The
+    error then surfaces a step or so later, or at the end of the epoch at the
+    latest; the skipped samples never reach the weights either way.
+    """
+
+    async_safe = True
 
     def __init__(self, on_bad_sample):
         super().__init__()

@@ -58,6 +58,25 @@ def l2_normalize_rows(x, epsilon=NORM_EPSILON):
     return x / ops.sqrt(ops.maximum(squared_norm, epsilon))
 
 
+def _cosine_gram(features, epsilon=NORM_EPSILON):
+    """The cosine Gram, normalised from the raw Gram's diagonal.
+
+    Equals `l2_normalize_rows(x) @ l2_normalize_rows(x)ᵀ` (the same epsilon
+    floor, so a zero row gives a zero row and column), but the normalisation
+    costs O(batch·M²) instead of O(batch·M·d) forward and backward. Rows whose
+    largest entry exceeds 1 are first divided by it, so squaring cannot
+    overflow; the cosine does not depend on a row's scale, so that divisor is
+    a constant for the gradient (`stop_gradient`: exact, and it saves the
+    backward pass of the max).
+    """
+    scale = ops.maximum(ops.max(ops.abs(features), axis=-1, keepdims=True), 1.0)
+    features = features / ops.stop_gradient(scale)
+    gram = ops.matmul(features, ops.transpose(features, (0, 2, 1)))
+    squared_norms = ops.diagonal(gram, axis1=1, axis2=2)
+    inverse_norms = 1.0 / ops.sqrt(ops.maximum(squared_norms, epsilon))
+    return gram * ops.expand_dims(inverse_norms, 2) * ops.expand_dims(inverse_norms, 1)
+
+
 def pair_mask(mask):
     """Turns a (batch, M) 0/1 modality mask into the (batch, M, M) pair mask.
 
@@ -111,8 +130,9 @@ def gram_matrix(features, normalize="l2", mask=None):
         if row_mask is not None:
             features = features * row_mask
     if normalize in ("l2", "centered"):
-        features = l2_normalize_rows(features)
-    gram = ops.matmul(features, ops.transpose(features, (0, 2, 1)))
+        gram = _cosine_gram(features)
+    else:
+        gram = ops.matmul(features, ops.transpose(features, (0, 2, 1)))
     if normalize == "dim":
         gram = gram / float(features.shape[-1])
     if mask is not None:

@@ -96,3 +96,12 @@ def test_scaling_reports_every_point(tmp_path):
         assert _positive(point["peak_rss_mib"])
         assert point["peak_rss_over_build_mib"] >= 0
         assert point["student_forwards_executed"] == 1
+
+
+def test_gram_ops_compares_both_forms(tmp_path):
+    data = _run("gram_ops.py", tmp_path)
+    (point,) = data["points"]
+    assert (point["batch"], point["M"], point["d"]) == (16, 3, 8)
+    assert _positive(point["textbook_ms"]) and _positive(point["library_ms"])
+    assert point["ratio"] == pytest.approx(point["library_ms"] / point["textbook_ms"])
+    assert point["value_difference"] < 1e-6  # the two forms agree

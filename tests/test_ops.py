@@ -84,6 +84,41 @@ def test_l2_gram_of_huge_rows_does_not_overflow_to_zero():
     np.testing.assert_allclose(got, np_gram(huge / 1e19, "l2"), rtol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", ["l2", "centered"])
+def test_cosine_gram_loss_gradient_matches_finite_differences(normalize):
+    """The gradient through the diagonal normalisation and the stop-gradient
+    row scale (rows of entries above 1 are scaled) against central differences
+    of the float64 NumPy reference, zero and tiny rows included."""
+    from test_gram_properties import value_and_grad
+
+    rng = np.random.default_rng(3)
+    teacher = rng.normal(size=(2, 4, 3))
+    student = rng.normal(size=(2, 4, 5)) * np.array([1.0, 40.0, 0.3, 1.0])[:, None]
+    student[1, 3] = 0.0
+    student[0, 2] *= 1e-3
+
+    def np_loss(s):
+        return np.mean((np_gram(teacher, normalize) - np_gram(s, normalize)) ** 2)
+
+    expected = np.zeros_like(student)
+    for index in np.ndindex(student.shape):
+        step = np.zeros_like(student)
+        step[index] = 1e-6 * max(1.0, abs(student[index]))
+        expected[index] = (np_loss(student + step) - np_loss(student - step)) / (
+            2 * step[index]
+        )
+    value, grad = value_and_grad(
+        lambda s: kd_ops.gram_loss(teacher.astype("float32"), s, normalize),
+        student.astype("float32"),
+    )
+    assert value == pytest.approx(np_loss(student), rel=1e-5)
+    # At the zero row the epsilon floor makes the normalisation x / 1e-6, a
+    # steep but finite slope that differences across the floor cannot see.
+    assert np.all(np.isfinite(grad[1, 3]))
+    grad[1, 3] = expected[1, 3] = 0.0
+    np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=1e-6)
+
+
 def test_gram_matrix_errors():
     with pytest.raises(ValueError, match="Unknown Gram normalisation 'cosine'"):
         kd_ops.gram_matrix(np.ones((1, 2, 3), "float32"), "cosine")
