@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-from step_time import common_parser, configure
+from step_time import comma_choices, common_parser, configure
 
 MIDDLE = {"M": 8, "d": 128, "batch": 256}
 SWEEPS = {
@@ -40,10 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--point", help=argparse.SUPPRESS)  # M,d,batch: one point
     args = parser.parse_args(argv)
     default = "M" if args.quick else ",".join(SWEEPS)
-    args.axes = [a for a in (args.axes or default).split(",") if a]
-    unknown = sorted(set(args.axes) - set(SWEEPS))
-    if unknown or not args.axes:
-        parser.error(f"unknown axes {unknown}; choose from {', '.join(SWEEPS)}")
+    args.axes = comma_choices(parser, args.axes, default, SWEEPS, "axes")
     args.steps = args.steps or (2 if args.quick else 8)
     return args
 

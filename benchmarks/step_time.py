@@ -68,6 +68,15 @@ def configure(args):
     args.jit = {"true": True, "false": False}.get(args.jit_compile, "auto")
 
 
+def comma_choices(parser, value, default, choices, what):
+    """The comma-separated `value` (or `default`) as a list of `choices`."""
+    picked = [item for item in (value or default).split(",") if item]
+    unknown = sorted(set(picked) - set(choices))
+    if unknown or not picked:
+        parser.error(f"unknown {what} {unknown}; choose from {', '.join(choices)}")
+    return picked
+
+
 def parse_args(argv=None):
     parser = common_parser(__doc__, "a smoke run of the demo case")
     parser.add_argument(
@@ -76,10 +85,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs")
     args = parser.parse_args(argv)
     default = "demo" if args.quick else ",".join(CASES)
-    args.cases = [c for c in (args.cases or default).split(",") if c]
-    unknown = sorted(set(args.cases) - set(CASES))
-    if unknown or not args.cases:
-        parser.error(f"unknown cases {unknown}; choose from {', '.join(CASES)}")
+    args.cases = comma_choices(parser, args.cases, default, CASES, "cases")
     return args
 
 

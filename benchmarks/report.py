@@ -1,0 +1,110 @@
+"""Markdown tables of the benchmark results, for the README.
+
+    python benchmarks/report.py [RESULTS_DIR]   (default benchmarks/results)
+
+Reads the `step_time-*.json`, `scaling-*.json` and `gram_ops-*.json` files the
+benchmarks wrote and prints one table per benchmark, a row per backend (and
+case or point), so that the README's numbers are copied from the files, not
+retyped.
+"""
+
+import glob
+import json
+import os
+import sys
+
+BACKENDS = ("tensorflow", "jax", "torch")
+STEP_VARIANTS = ("b", "c", "d", "e", "kd_only")
+
+
+def _load(directory, script):
+    """{backend: result} for the files of `script` in `directory`."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(directory, f"{script}-*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        found[data["machine"]["backend"]] = data
+    return {b: found[b] for b in BACKENDS if b in found}
+
+
+def _table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _x(value):
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def step_time_table(results):
+    headers = ["backend", "case", "(a) ms/step"]
+    headers += [f"({v})" if len(v) == 1 else v for v in STEP_VARIANTS]
+    headers += ["Gram: (d) / KD-only", "targets met"]
+    rows = []
+    for backend, data in results.items():
+        for name, case in data["cases"].items():
+            variants = case["variants"]
+            met = sum(bool(t["met"]) for t in case["targets"])
+            rows.append(
+                [backend, name, f"{variants['a']['median_step_ms']:.2f}"]
+                + [_x(variants[v].get("ratio_to_a")) for v in STEP_VARIANTS]
+                + [_x(case["gram_cost"]["d"]["ratio"]), f"{met} of 3"]
+            )
+    return _table(headers, rows)
+
+
+def scaling_table(results):
+    """A row per point, a column per backend: KD-only ms, Gram %, Gram alone ms."""
+    headers = ["axis", "M / d / batch", "B·M²·d"]
+    headers += [f"{b}: KD only ms · Gram % · alone ms" for b in results]
+    by_point = {}
+    for data in results.values():
+        for p in data["points"]:
+            key = (p["axis"], p["M"], p["d"], p["batch"], p["batch_M2_d"])
+            by_point.setdefault(key, []).append(
+                f"{p['kd_only_step_ms']:.2f} · "
+                f"{100 * (p['gram_overhead_ratio'] - 1):+.0f} % · "
+                f"{p['gram_term_alone_ms']:.2f}"
+            )
+    rows = [
+        [axis, f"{m} / {d} / {batch}", f"{product:,}", *cells]
+        for (axis, m, d, batch, product), cells in by_point.items()
+    ]
+    return _table(headers, rows)
+
+
+def gram_ops_table(results):
+    headers = ["backend", "batch / M / d", "textbook ms", "gram_matrix ms", "ratio"]
+    rows = [
+        [
+            backend,
+            f"{p['batch']} / {p['M']} / {p['d']}",
+            f"{p['textbook_ms']:.3f}",
+            f"{p['library_ms']:.3f}",
+            _x(p["ratio"]),
+        ]
+        for backend, data in results.items()
+        for p in data["points"]
+    ]
+    return _table(headers, rows)
+
+
+TABLES = {
+    "step_time": step_time_table,
+    "scaling": scaling_table,
+    "gram_ops": gram_ops_table,
+}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    directory = argv[0] if argv else os.path.join(os.path.dirname(__file__), "results")
+    for script, table in TABLES.items():
+        results = _load(directory, script)
+        if results:
+            print(f"### {script}\n\n{table(results)}\n")
+
+
+if __name__ == "__main__":
+    main()
