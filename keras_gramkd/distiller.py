@@ -37,7 +37,7 @@ import keras
 from keras import ops
 from keras.src.losses.loss import unscale_loss_for_distribution
 
-from keras_gramkd.layers import ModalityDropout, ModalityStack
+from keras_gramkd.layers import ModalityDropout, ModalityStack, stack_modalities
 from keras_gramkd.losses import LogitKD, ModalityGram, check_temperature
 from keras_gramkd.ops import check_choice, pair_mask
 
@@ -173,6 +173,7 @@ class _Network:
         self.inputs, self.input_shapes = _input_specs(model)
         self.extractor = None
         self.has_mask = False
+        self.stacked_modalities = None  # M when the extractor returns M embeddings
 
     def add_features(self, modalities, names, mask_layer=None):
         logits = _symbolic_output(self.model, self.role)
@@ -191,24 +192,25 @@ class _Network:
                     "output the stacked (batch, M, d) embeddings. Otherwise pass "
                     "a dict modality name -> layer name."
                 )
+            features = [features]
+            n_modalities = features[0].shape[1]
         else:
-            per_modality = [
+            features = [
                 _layer_output(self.model, self.role, modalities[name]) for name in names
             ]
-            try:
-                features = ModalityStack(name=f"{self.role}_modality_stack")(
-                    per_modality
-                )
+            try:  # the embeddings are stacked in `forward`, outside the graph
+                ModalityStack().compute_output_shape([f.shape for f in features])
             except ValueError as error:
                 raise ValueError(f"In the {self.role}: {error}") from None
-        outputs = [logits, features]
+            n_modalities = self.stacked_modalities = len(features)
+        outputs = [logits, *features]
         if mask_layer is not None:
-            outputs.append(_mask_output(self.model, mask_layer, features.shape[1]))
+            outputs.append(_mask_output(self.model, mask_layer, n_modalities))
             self.has_mask = True
         self.extractor = keras.Model(
             self.model.input, outputs, name=f"{self.role}_with_features"
         )
-        return features.shape[1]
+        return n_modalities
 
     def _check_shape(self, key, value):
         expected = self.input_shapes.get(key)
@@ -249,9 +251,11 @@ class _Network:
         inputs = self.select_inputs(x)
         if self.extractor is None:
             return self.model(inputs, training=training), None, None
-        outputs = self.extractor(inputs, training=training)
-        mask = outputs[2] if self.has_mask else None
-        return outputs[0], outputs[1], mask
+        logits, *features = self.extractor(inputs, training=training)
+        mask = features.pop() if self.has_mask else None
+        if self.stacked_modalities is None:
+            return logits, features[0], mask
+        return logits, stack_modalities(features), mask
 
 
 class _ForwardCache:

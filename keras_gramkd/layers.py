@@ -75,13 +75,22 @@ class ModalityStack(keras.layers.Layer):
     def call(self, inputs):
         tensors = self._ordered(inputs)
         self._check_shapes([tuple(t.shape) for t in tensors])
-        pooled = [
-            t
-            if len(t.shape) == 2
-            else ops.mean(t, axis=tuple(range(1, len(t.shape) - 1)))
-            for t in tensors
-        ]
-        return ops.stack(pooled, axis=1)
+        return stack_modalities(tensors)
+
+
+def stack_modalities(tensors):
+    """`ModalityStack`'s computation as a plain function, without the layer.
+
+    (batch, d) or (batch, ..., d) tensors of one width d, middle axes averaged,
+    stacked in list order into (batch, M, d). The `Distiller` calls it on the
+    embeddings its networks return: in eager PyTorch a Keras layer call costs
+    about 0.4 ms of Python, here several times the stack itself.
+    """
+    pooled = [
+        t if len(t.shape) == 2 else ops.mean(t, axis=tuple(range(1, len(t.shape) - 1)))
+        for t in tensors
+    ]
+    return ops.stack(pooled, axis=1)
 
 
 @keras.saving.register_keras_serializable(package="keras_gramkd")
