@@ -16,6 +16,10 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "Distiller": "keras_gramkd.distiller",
+    "DistillationTerm": "keras_gramkd.terms",
+    "Feature": "keras_gramkd.features",
+    "GramTerm": "keras_gramkd.terms",
+    "KDTerm": "keras_gramkd.terms",
     "LogitKD": "keras_gramkd.losses",
     "ModalityGram": "keras_gramkd.losses",
     "ModalityDropout": "keras_gramkd.layers",
@@ -23,7 +27,16 @@ _EXPORTS = {
     "TeacherCache": "keras_gramkd.cache",
     "evaluate_robustness": "keras_gramkd.robustness",
 }
-_SUBMODULES = ("cache", "datasets", "layers", "losses", "ops", "plots")
+_SUBMODULES = (
+    "cache",
+    "datasets",
+    "features",
+    "layers",
+    "losses",
+    "ops",
+    "plots",
+    "terms",
+)
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 

@@ -3,9 +3,12 @@
 The teacher of a `Distiller` is frozen and runs in inference mode, so on data
 that is fed unchanged every epoch its outputs are the same every epoch.
 `TeacherCache.build` runs it once over the data set and keeps what the losses
-need: the logits (`"teacher_logits"`, (n, classes)) and, when `gram_weight >
-0`, the teacher's modality Gram matrices (`"teacher_gram"`, (n, M, M)), formed
-as the Gram loss forms them, with the data's `"modality_mask"`.
+need: whatever each distillation term's `teacher_targets` returns, under the
+batch keys `"teacher/<term>/<key>"` — for the short form the logits
+(`"teacher/kd/logits"`, (n, classes)) and, when `gram_weight > 0`, the
+teacher's modality Gram matrices (`"teacher/gram/gram"`, (n, M, M)), formed as
+the Gram loss forms them, with the data's `"modality_mask"`. The cache does not
+know the terms' classes: a term of your own is cached the same way.
 `TeacherCache.attach` adds them to every sample's input dict; the `Distiller`
 finds them in the batch and does not run the teacher.
 
@@ -32,11 +35,11 @@ Example:
 ... )
 >>> x = {"a": np.ones((32, 4), "float32"), "b": np.ones((32, 6), "float32")}
 >>> cache = TeacherCache.build(distiller, x, batch_size=16)
->>> cache
-TeacherCache(32 samples, float32: teacher_logits (32, 3), teacher_gram (32, 2, 2))
+>>> len(cache), sorted(cache.targets)
+(32, ['teacher/gram/gram', 'teacher/kd/logits'])
 >>> data = cache.attach(x)  # x plus the targets, one row per sample
 >>> sorted(data)
-['a', 'b', 'teacher_gram', 'teacher_logits']
+['a', 'b', 'teacher/gram/gram', 'teacher/kd/logits']
 >>> history = distiller.fit(data, np.zeros(32, "int32"), shuffle=True, verbose=0)
 >>> import os, tempfile
 >>> path = os.path.join(tempfile.mkdtemp(), "targets.npz")
@@ -60,9 +63,10 @@ What is checked, each time with an error that names the problem and the fix:
   tf.data: its cardinality when known, and no element past the cache's end);
 - the teacher, by a fingerprint (sha256 over its weights' dtypes, shapes and
   bytes): weights changed after caching, or another teacher;
-- the Gram settings the cached Gram depends on (normalisation, modality names
-  and the teacher's modality layers), and that the cache holds a Gram when
-  the Distiller's `gram_weight > 0`;
+- the terms' settings the cached targets depend on (each term's class and
+  config without its weight: for a Gram term its normalisation and the
+  teacher's feature addresses), and that the cache holds targets for every
+  term whose weight is not 0;
 - every sample's inputs, by a checksum recorded at build time (the inputs the
   teacher reads, and `"modality_mask"`): a different data set of the same
   size, another sample order, or inputs that change between epochs. Numpy
@@ -111,7 +115,7 @@ File format (`save` / `load`): one uncompressed `.npz` file (numpy's zip of
 `.npy` arrays, read without pickle) holding the target arrays, `checksums`
 (n, inputs) int64, `batch_sizes` (the batches the build read) and `metadata`,
 UTF-8 JSON as uint8: format name and version, the number of samples, dtype,
-teacher fingerprint, Gram settings and the names of the checksummed inputs.
+teacher fingerprint, term settings and the names of the checksummed inputs.
 It is written to a temporary file in the same directory and renamed over the
 target (`keras_gramkd.saving.atomic_save`).
 """
@@ -126,23 +130,19 @@ import zipfile
 import keras
 import numpy as np
 
-from keras_gramkd.distiller import (
-    MODALITY_MASK_KEY,
-    TEACHER_GRAM_KEY,
-    TEACHER_LOGITS_KEY,
-    _input_specs,
-)
+from keras_gramkd.distiller import MODALITY_MASK_KEY
+from keras_gramkd.network import input_specs
 from keras_gramkd.saving import atomic_save
+from keras_gramkd.terms import TARGET_PREFIX
 
 FORMAT_NAME = "keras_gramkd.TeacherCache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DTYPES = ("float32", "float16")
 FLOAT16_LOSS_TOLERANCE = 1e-3
 """Largest difference of the KD or Gram loss between a float16 and a float32
 cache that the tests accept (measured: up to 2e-4, see the module docstring)."""
 
 REBUILD = "Rebuild the cache with TeacherCache.build(distiller, data)."
-_TARGET_KEYS = (TEACHER_LOGITS_KEY, TEACHER_GRAM_KEY)
 _CHECKSUM_SEED = 0x6B645F63  # fixes the checksum weights: part of the format
 _CHUNK_WORDS = 1 << 22  # rows x words per numpy checksum chunk
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -162,15 +162,10 @@ def teacher_fingerprint(teacher):
     return digest.hexdigest()
 
 
-def _gram_settings(distiller):
-    """What a cached Gram depends on besides the teacher's weights, or None."""
-    if distiller.gram_weight == 0:
-        return None
-    return {
-        "normalize": getattr(distiller.gram_loss_fn, "normalize", None),
-        "modality_names": distiller.modality_names,
-        "teacher_modalities": distiller.teacher_modalities,
-    }
+def _term_settings(distiller):
+    """What the cached targets depend on besides the teacher's weights, as
+    JSON (so that a loaded cache compares equal)."""
+    return json.loads(json.dumps(distiller.target_settings()))
 
 
 # --- per-sample checksums, the same in numpy and in TensorFlow ---------------
@@ -304,7 +299,7 @@ def _num_rows(x):
 def _is_batched(distiller, x_spec):
     """Whether a tf.data element holds a batch: its rank against the teacher's
     declared input rank (a teacher without declared shapes: assume batched)."""
-    _, shapes = _input_specs(distiller.teacher)
+    _, shapes = input_specs(distiller.teacher)
     for key, shape in shapes.items():
         if key in x_spec and x_spec[key].shape.rank is not None:
             return x_spec[key].shape.rank == len(shape)
@@ -348,12 +343,12 @@ def _source_batches(distiller, x, batch_size):
 
 def _checksum_keys(distiller, x):
     """The inputs the teacher's targets depend on, sorted."""
-    names, _ = _input_specs(distiller.teacher)
+    names, _ = input_specs(distiller.teacher)
     if names is None:
-        keys = [key for key in x if key not in _TARGET_KEYS]
+        keys = [key for key in x if not str(key).startswith(TARGET_PREFIX)]
     else:
         keys = [names] if isinstance(names, str) else list(names)
-        if distiller.gram_weight > 0 and MODALITY_MASK_KEY in x:
+        if distiller.modality_names and MODALITY_MASK_KEY in x:
             keys.append(MODALITY_MASK_KEY)
     missing = [key for key in keys if key not in x]
     if missing:
@@ -419,15 +414,15 @@ class TeacherCache:
     takes the arrays as they are stored.
 
     Attributes:
-        targets: dict `"teacher_logits"` (n, classes) and, for a Distiller with
-            `gram_weight > 0`, `"teacher_gram"` (n, M, M), numpy arrays.
+        targets: dict batch key `"teacher/<term>/<key>"` -> (n, ...) numpy
+            array, for each term of the Distiller with a non-zero weight.
         dtype: `"float32"` or `"float16"`, how the targets are stored.
         checksums: (n, len(checksum_keys)) int64 checksums of each sample's
             inputs at build time.
         checksum_keys: the checksummed inputs.
         batch_sizes: the batches the build read, in order (a PyDataset's own).
         fingerprint: `teacher_fingerprint` of the teacher at build time.
-        gram_settings: the Gram settings at build time, or None.
+        term_settings: the terms' settings at build time, by term name.
     """
 
     def __init__(
@@ -437,7 +432,7 @@ class TeacherCache:
         checksum_keys,
         batch_sizes,
         fingerprint,
-        gram_settings,
+        term_settings,
         dtype,
         distiller=None,
     ):
@@ -446,7 +441,7 @@ class TeacherCache:
         self.checksum_keys = list(checksum_keys)
         self.batch_sizes = [int(size) for size in batch_sizes]
         self.fingerprint = fingerprint
-        self.gram_settings = gram_settings
+        self.term_settings = term_settings
         self.dtype = dtype
         self._distiller = weakref.ref(distiller) if distiller is not None else None
 
@@ -488,8 +483,7 @@ class TeacherCache:
             raise ValueError("The data holds no sample: there is nothing to cache.")
         targets = {
             key: np.concatenate([output[key] for output in outputs])
-            for key in _TARGET_KEYS
-            if key in outputs[0]
+            for key in outputs[0]
         }
         return cls(
             _to_storage(targets, dtype),
@@ -497,7 +491,7 @@ class TeacherCache:
             keys,
             sizes,
             fingerprint,
-            _gram_settings(distiller),
+            _term_settings(distiller),
             dtype,
             distiller=distiller,
         )
@@ -529,7 +523,7 @@ class TeacherCache:
                 each batch's targets).
             distiller: the `Distiller` that will train; by default the one the
                 cache was built with (needed for a loaded cache). Its teacher
-                and Gram settings must match the cache.
+                and term settings must match the cache.
 
         Raises:
             ValueError: when the data or the teacher differ from build time.
@@ -560,18 +554,20 @@ class TeacherCache:
 
     def _keys_for(self, distiller):
         """The target keys this Distiller reads, after checking its teacher."""
-        settings = _gram_settings(distiller)
-        if settings is not None:
-            if TEACHER_GRAM_KEY not in self.targets:
+        settings = _term_settings(distiller)
+        missing = [name for name in settings if name not in self.term_settings]
+        if missing:
+            raise ValueError(
+                f"The cache holds no targets for term(s) {missing} (it was built "
+                f"for a Distiller with the terms {list(self.term_settings)} on), "
+                f"but this Distiller uses them. {REBUILD}"
+            )
+        for name, setting in settings.items():
+            if setting != self.term_settings[name]:
                 raise ValueError(
-                    "The cache holds no teacher Gram (it was built for a "
-                    "Distiller with gram_weight=0), but this Distiller's "
-                    f"gram_weight is {distiller.gram_weight}. {REBUILD}"
-                )
-            if settings != self.gram_settings:
-                raise ValueError(
-                    f"The cache's Gram was formed with {self.gram_settings}, "
-                    f"but this Distiller uses {settings}. {REBUILD}"
+                    f"The cache's targets of term {name!r} were formed with "
+                    f"{self.term_settings[name]}, but this Distiller uses "
+                    f"{setting}. {REBUILD}"
                 )
         fingerprint = teacher_fingerprint(distiller.teacher)
         if fingerprint != self.fingerprint:
@@ -581,7 +577,8 @@ class TeacherCache:
                 "…): the teacher changed after caching, or this is another "
                 f"teacher. {REBUILD}"
             )
-        return [TEACHER_LOGITS_KEY] + ([TEACHER_GRAM_KEY] if settings else [])
+        prefixes = [f"{TARGET_PREFIX}{name}/" for name in settings]
+        return [key for key in self.targets if key.startswith(tuple(prefixes))]
 
     def _size_error(self, found, what):
         return ValueError(
@@ -666,7 +663,7 @@ class TeacherCache:
             "samples": len(self),
             "dtype": self.dtype,
             "fingerprint": self.fingerprint,
-            "gram_settings": self.gram_settings,
+            "term_settings": self.term_settings,
             "checksum_keys": self.checksum_keys,
             "targets": list(self.targets),
         }
@@ -726,7 +723,7 @@ class TeacherCache:
             metadata["checksum_keys"],
             arrays["batch_sizes"],
             metadata["fingerprint"],
-            metadata["gram_settings"],
+            metadata["term_settings"],
             metadata["dtype"],
         )
 

@@ -1,26 +1,28 @@
 """`Distiller`: a `keras.Model` that trains a student from a frozen teacher.
 
-One training step combines three terms, each with its own non-negative weight:
+One training step combines the task loss with a list of distillation terms
+(`keras_gramkd.terms`), each with its own non-negative weight:
 
-    loss = task_weight · task_loss      (the compiled loss on the labels)
-         + kd_weight   · kd_loss        (`LogitKD`: temperature-softened logits)
-         + gram_weight · gram_loss      (`ModalityGram`: modality-level Gram matrices)
+    loss = task_weight · task_loss          (the compiled loss on the labels)
+         + Σ term.weight · <term>_loss      (KD, modality Gram at any depth, ...)
          + the student's regularisation losses
 
-The combination lives in `compute_loss`, which the `train_step` and `test_step`
-of every Keras backend call, so one implementation serves TensorFlow, JAX and
-PyTorch. `call` runs the student once and returns its logits; the modality
-embeddings produced by that same call are handed to `compute_loss`, so each
-network runs exactly one forward pass per step.
+The short form (`kd_weight`, `gram_weight`, `temperature`, `gram_loss`) is the
+terms `KDTerm` "kd" and `GramTerm` "gram". The combination lives in
+`compute_loss`, which the `train_step` and `test_step` of every Keras backend
+call, so one implementation serves TensorFlow, JAX and PyTorch. `call` runs
+the student once and returns its logits; the features every term reads, from
+anywhere in nested encoders, come out of that same call and are handed to
+`compute_loss`, so each network runs exactly one forward pass per step.
 
 Besides the networks' inputs, a dict batch may carry these keys:
 
 - `"modality_mask"` (`MODALITY_MASK_KEY`): (batch, M) 0/1, which modalities a
-  sample has, in the order of `Distiller.modality_names`. The Gram loss then
-  averages over present pairs only; the task and KD losses are unaffected.
-- `"teacher_logits"` and `"teacher_gram"` (`TEACHER_LOGITS_KEY`,
-  `TEACHER_GRAM_KEY`): teacher targets computed once by `keras_gramkd.cache`;
-  when they are in the batch the teacher does not run.
+  sample has, in the order of `Distiller.modality_names`. The Gram terms then
+  average over present pairs only; the task and KD losses are unaffected.
+- `"teacher/<term>/<key>"` (`keras_gramkd.terms.target_key`): teacher targets
+  computed once by `keras_gramkd.cache`; when they are in the batch the
+  teacher does not run.
 
 A training sample whose inputs hold NaN or inf, or whose integer label is
 outside [0, classes), is left out of the step (its inputs are zeroed and its
@@ -29,233 +31,33 @@ weight is 0, so it cannot put a NaN into the weights) and counted in the
 stops with an error after that step; with `"skip"` it goes on.
 """
 
-import difflib
-import math
-import warnings
-
 import keras
 from keras import ops
 from keras.src.losses.loss import unscale_loss_for_distribution
 
-from keras_gramkd.layers import ModalityDropout, ModalityStack, stack_modalities
-from keras_gramkd.losses import LogitKD, ModalityGram, check_temperature
-from keras_gramkd.ops import check_choice, pair_mask
+from keras_gramkd.features import pool_tokens
+from keras_gramkd.losses import check_temperature
+from keras_gramkd.network import (
+    Network,
+    check_logits_layer,
+    check_separate,
+    symbolic_output,
+)
+from keras_gramkd.ops import check_choice
+from keras_gramkd.terms import (
+    TARGET_PREFIX,
+    DistillationTerm,
+    GramTerm,
+    KDTerm,
+    NetworkOutputs,
+    check_weight,
+    spec_config,
+    spec_features,
+    target_key,
+)
 
 MODALITY_MASK_KEY = "modality_mask"
-TEACHER_LOGITS_KEY = "teacher_logits"
-TEACHER_GRAM_KEY = "teacher_gram"
-BATCH_KEYS = (MODALITY_MASK_KEY, TEACHER_LOGITS_KEY, TEACHER_GRAM_KEY)
 BAD_SAMPLE_POLICIES = ("raise", "skip")
-
-
-def _check_weight(name, value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(
-            f"{name} must be a finite number >= 0; got {value!r}. "
-            "Use 0 to switch the term off."
-        )
-    return float(value)
-
-
-def _symbolic_output(model, role):
-    """The model's single symbolic output, or None for a subclassed model."""
-    try:
-        output = model.output
-    except (AttributeError, ValueError):
-        return None
-    if isinstance(output, (list, tuple, dict)):
-        raise ValueError(
-            f"The {role} has {len(output)} outputs; the Distiller needs a model "
-            "with one output, the class logits. Wrap it: "
-            f"keras.Model({role}.inputs, {role}.outputs[i])."
-        )
-    return output
-
-
-def _check_logits_layer(model, role):
-    last = model.layers[-1] if getattr(model, "layers", None) else None
-    activation = getattr(getattr(last, "activation", None), "__name__", "")
-    if isinstance(last, keras.layers.Softmax) or activation in (
-        "softmax",
-        "log_softmax",
-    ):
-        raise ValueError(
-            f"The {role}'s output layer {last.name!r} applies a softmax, but "
-            "distillation needs logits: softened probabilities are formed from "
-            "logits / temperature. Build the model with a linear output layer "
-            "(activation=None) and compile with from_logits=True, or wrap it: "
-            f"keras.Model({role}.inputs, {role}.layers[-1].input) for a "
-            "separate Softmax layer."
-        )
-
-
-def _layer_output(model, role, layer_name):
-    try:
-        layer = model.get_layer(layer_name)
-    except ValueError:
-        names = [layer.name for layer in model.layers]
-        close = difflib.get_close_matches(layer_name, names, n=3, cutoff=0.5)
-        hint = f" Did you mean {close}?" if close else ""
-        raise ValueError(
-            f"The {role} has no layer named {layer_name!r}.{hint} "
-            f"Its layers are: {names}."
-        ) from None
-    try:
-        return layer.output
-    except (AttributeError, ValueError) as error:
-        raise ValueError(
-            f"Layer {layer_name!r} of the {role} has no single symbolic output "
-            f"({error}). Name a layer that is called once in the model."
-        ) from None
-
-
-def _input_specs(model):
-    """How a model takes its inputs (dict keys, a list of names, one name, or
-    None) and the shape each named input declares."""
-    try:
-        structure = model.input
-    except (AttributeError, ValueError):
-        return None, {}
-    tensors = keras.tree.flatten(structure)
-    if isinstance(structure, dict):
-        names = dict.fromkeys(structure)
-        shapes = {key: tuple(structure[key].shape) for key in structure}
-        return names, shapes
-    shapes = {tensor.name: tuple(tensor.shape) for tensor in tensors}
-    if isinstance(structure, (list, tuple)):
-        return [tensor.name for tensor in structure], shapes
-    return structure.name, shapes
-
-
-def _mask_output(model, layer_name, n_modalities):
-    """The (batch, M) modality mask that a student layer outputs."""
-    output = _layer_output(model, "student", layer_name)
-    layer = model.get_layer(layer_name)
-    if isinstance(layer, ModalityDropout):
-        if not layer.return_mask:
-            raise ValueError(
-                f"student_mask_layer {layer_name!r} is a ModalityDropout without "
-                "return_mask=True; build it with return_mask=True so that it "
-                "outputs (views, mask)."
-            )
-        output = keras.tree.flatten(output)[-1]  # (views, mask)
-    if isinstance(output, (list, tuple)) or tuple(output.shape)[1:] != (n_modalities,):
-        shape = (
-            [tuple(o.shape) for o in output]
-            if isinstance(output, (list, tuple))
-            else tuple(output.shape)
-        )
-        raise ValueError(
-            f"student_mask_layer {layer_name!r} must output a (batch, "
-            f"{n_modalities}) modality mask, one column per modality in the "
-            f"order of the student's modalities; it outputs {shape}."
-        )
-    return output
-
-
-class _Network:
-    """A teacher or a student: which batch keys it reads, and one forward call.
-
-    `forward` returns (logits, features, mask): features is the stacked
-    (batch, M, d) modality embedding (or None) and mask the (batch, M) modality
-    mask a student layer outputs (or None), from a single call through a
-    functional view that shares every layer and weight with the model.
-    """
-
-    def __init__(self, model, role):
-        self.model = model
-        self.role = role
-        self.inputs, self.input_shapes = _input_specs(model)
-        self.extractor = None
-        self.has_mask = False
-        self.stacked_modalities = None  # M when the extractor returns M embeddings
-
-    def add_features(self, modalities, names, mask_layer=None):
-        logits = _symbolic_output(self.model, self.role)
-        if logits is None:
-            raise ValueError(
-                f"The {self.role} has no symbolic outputs (a subclassed model?), "
-                "so its modality layers cannot be read. Build it with the "
-                "functional API, or set gram_weight=0."
-            )
-        if isinstance(modalities, str):
-            features = _layer_output(self.model, self.role, modalities)
-            if len(features.shape) != 3:
-                raise ValueError(
-                    f"Layer {modalities!r} of the {self.role} outputs shape "
-                    f"{tuple(features.shape)}; a single modality layer must "
-                    "output the stacked (batch, M, d) embeddings. Otherwise pass "
-                    "a dict modality name -> layer name."
-                )
-            features = [features]
-            n_modalities = features[0].shape[1]
-        else:
-            features = [
-                _layer_output(self.model, self.role, modalities[name]) for name in names
-            ]
-            try:  # the embeddings are stacked in `forward`, outside the graph
-                ModalityStack().compute_output_shape([f.shape for f in features])
-            except ValueError as error:
-                raise ValueError(f"In the {self.role}: {error}") from None
-            n_modalities = self.stacked_modalities = len(features)
-        outputs = [logits, *features]
-        if mask_layer is not None:
-            outputs.append(_mask_output(self.model, mask_layer, n_modalities))
-            self.has_mask = True
-        self.extractor = keras.Model(
-            self.model.input, outputs, name=f"{self.role}_with_features"
-        )
-        return n_modalities
-
-    def _check_shape(self, key, value):
-        expected = self.input_shapes.get(key)
-        found = getattr(value, "shape", None)
-        if expected is None or found is None:
-            return
-        found = tuple(found)
-        if len(found) != len(expected) or any(
-            e is not None and f is not None and e != f
-            for e, f in zip(expected[1:], found[1:], strict=False)
-        ):
-            raise ValueError(
-                f"Input {key!r} of the {self.role} has shape {found}, but the "
-                f"{self.role} expects {expected} (None: any size). Check which "
-                "array the batch holds under this key."
-            )
-
-    def select_inputs(self, x):
-        if self.inputs is None or not isinstance(x, dict):
-            return x
-        keys = [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
-        missing = [key for key in keys if key not in x]
-        if missing:
-            raise ValueError(
-                f"The {self.role} expects input(s) {missing}, but the batch has "
-                f"keys {sorted(x)}. Give x one entry per model input, named as "
-                "the model's keras.Input (or its input dict keys)."
-            )
-        for key in keys:
-            self._check_shape(key, x[key])
-        if isinstance(self.inputs, dict):
-            return {key: x[key] for key in keys}
-        if isinstance(self.inputs, list):
-            return [x[key] for key in keys]
-        return x[self.inputs]
-
-    def forward(self, x, training):
-        inputs = self.select_inputs(x)
-        if self.extractor is None:
-            return self.model(inputs, training=training), None, None
-        logits, *features = self.extractor(inputs, training=training)
-        mask = features.pop() if self.has_mask else None
-        if self.stacked_modalities is None:
-            return logits, features[0], mask
-        return logits, stack_modalities(features), mask
 
 
 class _ForwardCache:
@@ -324,38 +126,6 @@ def _zero_bad_samples(x, ok):
     """x with every float input of the samples where `ok` is False zeroed."""
     return keras.tree.map_structure(
         lambda t: _where_samples(ok, t) if _is_float_tensor(t) else t, x
-    )
-
-
-def _modality_names(teacher_modalities, student_modalities):
-    """The student's modality names, checked against the teacher's."""
-    if isinstance(student_modalities, dict) and isinstance(teacher_modalities, dict):
-        unknown = [
-            name for name in student_modalities if name not in teacher_modalities
-        ]
-        if unknown:
-            raise ValueError(
-                f"Student modalities {unknown} are not among the teacher's "
-                f"{list(teacher_modalities)}. Modalities align by name: use the "
-                "same names in teacher_modalities and student_modalities."
-            )
-    if isinstance(student_modalities, dict):
-        return list(student_modalities)
-    if isinstance(teacher_modalities, dict):
-        return list(teacher_modalities)
-    return None
-
-
-def _check_modalities(name, value):
-    if isinstance(value, str) or (
-        isinstance(value, dict)
-        and value
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-    ):
-        return dict(value) if isinstance(value, dict) else value
-    raise ValueError(
-        f"{name} must be a dict modality name -> layer name, or one layer name "
-        f"whose output is the stacked (batch, M, d) embeddings; got {value!r}."
     )
 
 
@@ -443,6 +213,94 @@ def _check_arrays(x, y):
 
 
 @keras.saving.register_keras_serializable(package="keras_gramkd")
+def _check_unique_modalities(role, terms, features):
+    """Raises when two modalities of one term read the same tensor."""
+    for term in terms:
+        spec = term.student_spec() if role == "student" else term.teacher_spec()
+        if not isinstance(spec, dict):
+            continue
+        seen = {}
+        for name, feature in spec.items():
+            if feature.address in seen:
+                raise ValueError(
+                    f"In term {term.name!r}, the {role}'s modalities "
+                    f"{seen[feature.address]!r} and {name!r} both read "
+                    f"{feature.address!r}: their embeddings would be one tensor "
+                    "and the Gram term meaningless. Give each modality its own "
+                    "embedding layer."
+                )
+            seen[feature.address] = name
+
+
+def short_form_terms(
+    teacher_modalities,
+    student_modalities,
+    kd_weight,
+    gram_weight,
+    temperature,
+    gram_loss,
+):
+    """The terms of the Distiller's short form: `KDTerm` "kd", `GramTerm` "gram"."""
+    return [
+        KDTerm(temperature, weight=kd_weight, name="kd"),
+        GramTerm(
+            teacher_modalities,
+            student_modalities,
+            weight=gram_weight,
+            loss=gram_loss,
+            name="gram",
+        ),
+    ]
+
+
+def _check_terms(terms):
+    terms = list(terms)
+    for term in terms:
+        if not isinstance(term, DistillationTerm):
+            raise TypeError(
+                "terms must be a list of keras_gramkd.DistillationTerm (KDTerm, "
+                f"GramTerm, or your subclass); got {type(term).__name__}."
+            )
+    names = [term.name for term in terms]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"Several terms are named {repeated}; each term needs its own name "
+            "(its metric is '<name>_loss'), e.g. GramTerm(..., name='gram_fused')."
+        )
+    if "task" in names:
+        raise ValueError(
+            "A term may not be named 'task': 'task_loss' is the metric of the "
+            "task loss. Choose another name."
+        )
+    return terms
+
+
+def _view(spec, features, pooled):
+    """A term's features of one network, from the network's {path: tensor}."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        return features[spec.address]
+    view = {}
+    for name, feature in spec.items():
+        key = (feature.address, feature.pool)
+        if key not in pooled:
+            pooled[key] = pool_tokens(features[feature.address], feature.pool)
+        view[name] = pooled[key]
+    return view
+
+
+def _shapes(spec, shapes):
+    if isinstance(spec, dict):
+        return {
+            name: (shapes[f.address][0], shapes[f.address][-1])
+            for name, f in spec.items()
+        }
+    return shapes[spec.address] if spec is not None else None
+
+
+@keras.saving.register_keras_serializable(package="keras_gramkd")
 class Distiller(keras.Model):
     """Distils a frozen multi-modal teacher into a student.
 
@@ -450,20 +308,28 @@ class Distiller(keras.Model):
         teacher: trained `keras.Model` that outputs class logits. It is frozen
             and runs in inference mode, outside the gradient.
         student: `keras.Model` to train; outputs class logits.
-        teacher_modalities: dict modality name -> name of the teacher layer whose
-            output is that modality's embedding, or one layer name whose output
-            is already (batch, M, d). Needed when `gram_weight > 0`.
+        teacher_modalities: short form: dict modality name -> address of the
+            teacher's embedding of that modality (a layer name, a path
+            `"pix_encoder/embed"` into nested models, a layer object, or a
+            `Feature` with its token pooling), or one address whose output is
+            already (batch, M, d). Needed when `gram_weight > 0`.
         student_modalities: the same for the student. Modalities align by name;
             the student may use a subset of the teacher's.
         task_weight: weight of the compiled loss on the labels.
-        kd_weight: weight of the logit KD term.
-        gram_weight: weight of the modality Gram term.
-        temperature: KD softening temperature.
-        gram_loss: the Gram loss to use; default `ModalityGram(normalize="l2")`.
-        student_mask_layer: optional name of a student layer that outputs a
+        kd_weight: short form: weight of the logit KD term (default 1).
+        gram_weight: short form: weight of the modality Gram term (default 1).
+        temperature: short form: KD softening temperature (default 4).
+        gram_loss: short form: the Gram loss; default `ModalityGram()`.
+        terms: instead of the short form, a list of `DistillationTerm`s
+            (`KDTerm`, `GramTerm` at one or more depths, your own), each with
+            its own weight and `<name>_loss` metric. The short form is
+            `[KDTerm(temperature, kd_weight, name="kd"),
+            GramTerm(teacher_modalities, student_modalities, gram_weight,
+            gram_loss, name="gram")]`.
+        student_mask_layer: optional address of a student layer that outputs a
             (batch, M) modality mask, such as
-            `ModalityDropout(rate, return_mask=True)`: the Gram loss then
-            leaves out the pairs of the modalities it dropped.
+            `ModalityDropout(rate, return_mask=True)`: the Gram terms then
+            leave out the pairs of the modalities it dropped.
         on_bad_sample: `"raise"` (default) stops `fit` with an error after a
             step that met a sample with NaN/inf inputs or an out-of-range
             label; `"skip"` leaves such samples out and goes on. Either way
@@ -474,8 +340,8 @@ class Distiller(keras.Model):
     Inputs: a dict of arrays (each network gets the keys its inputs declare,
     plus the optional batch keys of this module's docstring), or whatever both
     networks take. `call` and `predict` return the student's logits. Metrics
-    `task_loss`, `kd_loss` and `gram_loss` (unweighted) join `loss` in `fit`
-    and `evaluate` for every term whose weight is not 0.
+    `task_loss` and `<term>_loss` (unweighted) join `loss` in `fit` and
+    `evaluate` for every term whose weight is not 0.
 
     Example:
 
@@ -509,10 +375,11 @@ class Distiller(keras.Model):
         teacher_modalities=None,
         student_modalities=None,
         task_weight=1.0,
-        kd_weight=1.0,
-        gram_weight=1.0,
-        temperature=4.0,
+        kd_weight=None,
+        gram_weight=None,
+        temperature=None,
         gram_loss=None,
+        terms=None,
         student_mask_layer=None,
         on_bad_sample="raise",
         **kwargs,
@@ -523,51 +390,80 @@ class Distiller(keras.Model):
                 raise TypeError(
                     f"{role} must be a keras.Model; got {type(model).__name__}."
                 )
-        self.task_weight = _check_weight("task_weight", task_weight)
-        self.kd_weight = _check_weight("kd_weight", kd_weight)
-        self.gram_weight = _check_weight("gram_weight", gram_weight)
-        self.temperature = check_temperature(temperature)
+        self.task_weight = check_weight("task_weight", task_weight)
         check_choice("on_bad_sample policy", on_bad_sample, BAD_SAMPLE_POLICIES)
         self.on_bad_sample = on_bad_sample
-        if gram_loss is not None and not callable(gram_loss):
-            raise TypeError(
-                "gram_loss must be a loss called as loss(teacher_features, "
-                f"student_features), like ModalityGram(); got {gram_loss!r}."
-            )
+        check_separate(teacher, student)
         for role, model in (("teacher", teacher), ("student", student)):
-            _check_logits_layer(model, role)
+            check_logits_layer(model, role)
         self._check_classes(teacher, student)
+
+        short_form = {
+            "teacher_modalities": teacher_modalities,
+            "student_modalities": student_modalities,
+            "kd_weight": kd_weight,
+            "gram_weight": gram_weight,
+            "temperature": temperature,
+            "gram_loss": gram_loss,
+        }
+        self.short_form = terms is None
+        if terms is None:
+            self.kd_weight = check_weight(
+                "kd_weight", 1.0 if kd_weight is None else kd_weight
+            )
+            self.gram_weight = check_weight(
+                "gram_weight", 1.0 if gram_weight is None else gram_weight
+            )
+            self.temperature = check_temperature(
+                4.0 if temperature is None else temperature
+            )
+            terms = short_form_terms(
+                teacher_modalities,
+                student_modalities,
+                self.kd_weight,
+                self.gram_weight,
+                self.temperature,
+                gram_loss,
+            )
+        else:
+            given = [key for key, value in short_form.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"Pass either terms=[...] or the short form, not both: got "
+                    f"terms and {given}. Put these settings in the terms, e.g. "
+                    "KDTerm(temperature=4.0, weight=1.0), GramTerm("
+                    "teacher_features, student_features, weight=1.0)."
+                )
+            self.kd_weight = self.gram_weight = self.temperature = None
+        self.teacher_modalities = teacher_modalities
+        self.student_modalities = student_modalities
+        self.terms = _check_terms(terms)
+        self.student_mask_layer = student_mask_layer
 
         teacher.trainable = False
         self.teacher = teacher
         self.student = student
-        self.kd_loss_fn = LogitKD(self.temperature)
-        self.gram_loss_fn = gram_loss if gram_loss is not None else ModalityGram()
-        self.teacher_modalities = teacher_modalities
-        self.student_modalities = student_modalities
-        self.student_mask_layer = student_mask_layer
-        self.modality_names = None
-        self._teacher = _Network(teacher, "teacher")
-        self._student = _Network(student, "student")
-        if self.gram_weight > 0:
-            self._add_modality_features()
+        self._teacher = Network(teacher, "teacher")
+        self._student = Network(student, "student")
+        self._active = [term for term in self.terms if term.weight > 0]
+        self.modality_names = self._collect_modality_names()
+        self._add_features()
 
-        self.task_loss_tracker = self._tracker_if(self.task_weight, "task_loss")
-        self.kd_loss_tracker = self._tracker_if(self.kd_weight, "kd_loss")
-        self.gram_loss_tracker = self._tracker_if(self.gram_weight, "gram_loss")
+        self.task_loss_tracker = (
+            keras.metrics.Mean(name="task_loss") if self.task_weight > 0 else None
+        )
+        self.term_trackers = [
+            keras.metrics.Mean(name=f"{term.name}_loss") for term in self._active
+        ]
         self.skipped_samples_tracker = keras.metrics.Sum(name="skipped_samples")
         self._forward_cache = _ForwardCache()
         if teacher.built and student.built:
             self.built = True
 
     @staticmethod
-    def _tracker_if(weight, name):
-        return keras.metrics.Mean(name=name) if weight > 0 else None
-
-    @staticmethod
     def _check_classes(teacher, student):
         t_out, s_out = (
-            _symbolic_output(m, r)
+            symbolic_output(m, r)
             for m, r in ((teacher, "teacher"), (student, "student"))
         )
         if t_out is None or s_out is None:
@@ -580,46 +476,41 @@ class Distiller(keras.Model):
                 f"student a final Dense({t_classes}))."
             )
 
-    def _add_modality_features(self):
-        if self.teacher_modalities is None or self.student_modalities is None:
+    def _collect_modality_names(self):
+        names = []
+        for term in self._active:
+            if term.uses_mask:
+                names.extend(n for n in term.modality_names or [] if n not in names)
+        return names or None
+
+    def _add_features(self):
+        """Resolves every term's features; one extractor per network."""
+        features = {"teacher": [], "student": []}
+        for term in self._active:
+            features["teacher"] += spec_features(term.teacher_spec())
+            features["student"] += spec_features(term.student_spec())
+        if self.student_mask_layer is not None and not features["student"]:
             raise ValueError(
-                "gram_weight > 0 needs teacher_modalities and student_modalities "
-                "(dicts modality name -> layer name); pass them or set "
-                "gram_weight=0."
+                "student_mask_layer needs a term that reads the student's "
+                "modality features (a Gram term with a non-zero weight)."
             )
-        teacher_spec = _check_modalities("teacher_modalities", self.teacher_modalities)
-        student_spec = _check_modalities("student_modalities", self.student_modalities)
-        names = _modality_names(teacher_spec, student_spec)
-        m_student = self._student.add_features(
-            student_spec, names, self.student_mask_layer
+        t_shapes = self._teacher.add_features(features["teacher"])
+        s_shapes = self._student.add_features(
+            features["student"], self.student_mask_layer
         )
-        m_teacher = self._teacher.add_features(teacher_spec, names)
-        if m_teacher != m_student:
-            raise ValueError(
-                f"The teacher's features have {m_teacher} modalities but the "
-                f"student's have {m_student}. Give both as dicts modality name "
-                "-> layer name so that they align by name (a student may use a "
-                "subset of the teacher's modalities)."
+        for role, feats in features.items():
+            _check_unique_modalities(role, self._active, feats)
+        n_modalities = len(self.modality_names or [])
+        for term in self._active:
+            term.check_features(
+                _shapes(term.teacher_spec(), t_shapes),
+                _shapes(term.student_spec(), s_shapes),
             )
-        self.modality_names = names
-        if m_student == 1:
-            warnings.warn(
-                "Only one modality: its Gram matrix is 1×1 (the embedding's "
-                "squared norm, always 1 under the default l2 normalisation), so "
-                "the Gram term carries no relation between modalities. Name at "
-                "least two modality layers, or set gram_weight=0.",
-                stacklevel=3,
-            )
-        if m_student == 2 and getattr(self.gram_loss_fn, "normalize", None) == (
-            "centered"
-        ):
-            warnings.warn(
-                "Two modalities under normalize='centered': after removing their "
-                "mean the two embeddings are u and -u, so the Gram matrix is "
-                "always [[1, -1], [-1, 1]] and the term teaches nothing. Use "
-                "ModalityGram(normalize='l2').",
-                stacklevel=3,
-            )
+            spec = term.student_spec()
+            if term.uses_mask and spec is not None and not isinstance(spec, dict):
+                n_modalities = n_modalities or s_shapes[spec.address][1]
+        if self.student_mask_layer is not None:
+            self._student.check_mask(n_modalities)
 
     def fit(
         self,
@@ -658,7 +549,7 @@ class Distiller(keras.Model):
             if ok is not None:
                 inputs = _zero_bad_samples(inputs, ok)
         logits, features, mask = self._student.forward(inputs, training)
-        if features is not None:
+        if self._student.extractor is not None:
             self._forward_cache.put(logits, (features, mask))
         return logits
 
@@ -679,42 +570,52 @@ class Distiller(keras.Model):
             mask = student_mask if mask is None else mask * student_mask
         return mask
 
+    def _term_mask(self, term, mask):
+        """The columns of the modality mask that belong to a term."""
+        if mask is None or not term.uses_mask:
+            return None
+        names = term.modality_names
+        if names is None or names == self.modality_names:
+            return mask
+        indices = [self.modality_names.index(name) for name in names]
+        return ops.take(mask, indices, axis=1)
+
     def _cached_targets(self, x):
-        """Teacher targets carried in the batch, or None to run the teacher."""
+        """{term name: targets} carried in the batch, or None to run the teacher."""
         if not isinstance(x, dict) or not any(
-            key in x for key in (TEACHER_LOGITS_KEY, TEACHER_GRAM_KEY)
+            str(key).startswith(TARGET_PREFIX) for key in x
         ):
             return None
-        needed = [TEACHER_LOGITS_KEY] if self.kd_weight > 0 else []
-        if self.gram_weight > 0:
-            needed.append(TEACHER_GRAM_KEY)
-            if not isinstance(self.gram_loss_fn, ModalityGram):
+        cached = {}
+        for term in self._active:
+            prefix = target_key(term.name, "")
+            targets = {
+                key[len(prefix) :]: value
+                for key, value in x.items()
+                if str(key).startswith(prefix)
+            }
+            if not targets:
                 raise ValueError(
-                    "Cached teacher Gram matrices need gram_loss to be a "
-                    f"ModalityGram; got {type(self.gram_loss_fn).__name__}. "
-                    "Train with the live teacher (no cached keys in the batch)."
+                    "The batch carries cached teacher targets but none for "
+                    f"term {term.name!r} (keys '{prefix}...'). Rebuild the "
+                    "cache with keras_gramkd.cache.TeacherCache.build("
+                    "distiller, ...) for this Distiller."
                 )
-        missing = [key for key in needed if key not in x]
-        if missing:
-            raise ValueError(
-                f"The batch carries cached teacher targets but lacks {missing}, "
-                "which this Distiller's non-zero weights need. Rebuild the cache "
-                "with keras_gramkd.cache.TeacherCache.build(distiller, ...) for "
-                "this Distiller."
-            )
-        return x
+            term.check_cached(self._student.mask_path is not None)
+            cached[term.name] = targets
+        return cached
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
         if y_pred is None:
             y_pred = self(x, training=training)
-        student_features = student_mask = None
-        if self.gram_weight > 0:
+        features, student_mask = {}, None
+        if self._student.extractor is not None:
             extras = self._forward_cache.take(y_pred)
             if extras is None:  # y_pred was not made by this model's call
                 _, *extras = self._student.forward(x, training)
-            student_features, student_mask = extras
+            features, student_mask = extras
 
         ok = _finite_samples(x)
         if y is not None and self.task_weight > 0:
@@ -732,34 +633,26 @@ class Distiller(keras.Model):
                 if sample_weight is None
                 else ops.cast(sample_weight, "float32") * keep
             )
-            if student_features is not None:
-                student_features = _where_samples(ok, student_features)
-
-        terms = {}
-        if self.task_weight > 0:
-            terms["task_loss"] = self._task_loss(y, y_pred, sample_weight, ok)
-        if self.kd_weight > 0 or self.gram_weight > 0:
-            terms.update(
-                self._teacher_terms(
-                    x, y_pred, student_features, student_mask, sample_weight
-                )
+            features = keras.tree.map_structure(
+                lambda v: _where_samples(ok, v), features
             )
 
-        weights = {
-            "task_loss": self.task_weight,
-            "kd_loss": self.kd_weight,
-            "gram_loss": self.gram_weight,
-        }
         # Under tf.distribute every term is already divided by the replica
         # count (Keras' convention: summed replica gradients are the global
         # batch's); the metrics report the undivided values, as Keras' do.
         total = ops.zeros((), dtype="float32")
-        for name, value in terms.items():
-            value = ops.cast(value, "float32")
-            getattr(self, f"{name}_tracker").update_state(
-                unscale_loss_for_distribution(value)
-            )
-            total = total + weights[name] * value
+        if self.task_weight > 0:
+            value = ops.cast(self._task_loss(y, y_pred, sample_weight, ok), "float32")
+            self.task_loss_tracker.update_state(unscale_loss_for_distribution(value))
+            total = total + self.task_weight * value
+        if self._active:
+            losses = self._term_losses(x, y_pred, features, student_mask, sample_weight)
+            for term, tracker, value in zip(
+                self._active, self.term_trackers, losses, strict=True
+            ):
+                value = ops.cast(value, "float32")
+                tracker.update_state(unscale_loss_for_distribution(value))
+                total = total + term.weight * value
         for extra in self.losses:  # the student's regularisation losses
             extra = self._aggregate_additional_loss(ops.cast(extra, "float32"))
             total = total + extra
@@ -781,96 +674,94 @@ class Distiller(keras.Model):
             y = _where_samples(ok, y)
         return self._compile_loss(y, y_pred, sample_weight)
 
-    def _teacher_terms(self, x, y_pred, student_features, student_mask, sample_weight):
-        """The KD and Gram terms, from cached targets or a teacher forward."""
+    def _term_losses(self, x, y_pred, features, student_mask, sample_weight):
+        """Each active term's loss, from cached targets or a teacher forward."""
         mask = None
-        if self.gram_weight > 0:
+        if any(term.uses_mask for term in self._active):
             mask = self._batch_mask(x, student_mask)
         cached = self._cached_targets(x)
         if cached is None:
             teacher_logits, teacher_features, _ = self._teacher.forward(
                 x, training=False
             )
-        else:
-            teacher_logits = cached.get(TEACHER_LOGITS_KEY)
-        terms = {}
-        if self.kd_weight > 0:
-            terms["kd_loss"] = self.kd_loss_fn(
-                ops.stop_gradient(teacher_logits), y_pred, sample_weight=sample_weight
-            )
-        if self.gram_weight == 0:
-            return terms
-        if cached is None:
-            terms["gram_loss"] = self.gram_loss_fn(
-                ops.stop_gradient(teacher_features),
-                student_features,
-                sample_weight=sample_weight,
-                mask=mask,
-            )
-            return terms
-        teacher_gram = ops.cast(cached[TEACHER_GRAM_KEY], "float32")
-        if student_mask is not None:
-            if self.gram_loss_fn.normalize == "centered":
-                raise ValueError(
-                    "A cached teacher Gram cannot follow a student_mask_layer "
-                    "under normalize='centered' (the centring depends on which "
-                    "modalities are present). Use normalize='l2', or train "
-                    "with the live teacher."
+        teacher_pooled, student_pooled, losses = {}, {}, []
+        for term in self._active:
+            term_mask = self._term_mask(term, mask)
+            if cached is None:
+                teacher = NetworkOutputs(
+                    teacher_logits,
+                    _view(term.teacher_spec(), teacher_features, teacher_pooled),
                 )
-            teacher_gram = teacher_gram * pair_mask(mask)
-        terms["gram_loss"] = self.gram_loss_fn.from_teacher_gram(
-            ops.stop_gradient(teacher_gram),
-            student_features,
-            sample_weight=sample_weight,
-            mask=mask,
-        )
-        return terms
+                targets = term.teacher_targets(teacher, term_mask)
+            else:
+                targets = cached[term.name]
+            targets = {k: ops.stop_gradient(v) for k, v in targets.items()}
+            student = NetworkOutputs(
+                y_pred, _view(term.student_spec(), features, student_pooled)
+            )
+            losses.append(term.loss(targets, student, sample_weight, term_mask))
+        return losses
 
     def teacher_targets(self, x):
-        """What the losses need from the teacher for the batch `x`.
+        """What the terms need from the teacher for the batch `x`.
 
-        Returns a dict with `TEACHER_LOGITS_KEY` (batch, classes) and, when the
-        Gram term is on, `TEACHER_GRAM_KEY` (batch, M, M) formed as the Gram
-        loss forms it (with the batch's `modality_mask`). `keras_gramkd.cache`
-        stores these so that training need not run the teacher.
+        Returns a dict batch key (`"teacher/<term>/<key>"`) -> per-sample
+        tensor, for every term whose weight is not 0, formed as the terms form
+        them (with the batch's `modality_mask`). `keras_gramkd.cache` stores
+        these so that training need not run the teacher.
         """
         logits, features, _ = self._teacher.forward(x, training=False)
-        targets = {TEACHER_LOGITS_KEY: logits}
-        if features is not None:
-            if not isinstance(self.gram_loss_fn, ModalityGram):
-                raise ValueError(
-                    "Teacher Gram targets need gram_loss to be a ModalityGram; "
-                    f"got {type(self.gram_loss_fn).__name__}."
-                )
-            targets[TEACHER_GRAM_KEY] = self.gram_loss_fn.gram(
-                features, self._batch_mask(x, None)
+        mask = self._batch_mask(x, None) if self.modality_names else None
+        targets, pooled = {}, {}
+        for term in self._active:
+            teacher = NetworkOutputs(
+                logits, _view(term.teacher_spec(), features, pooled)
             )
+            term_targets = term.teacher_targets(teacher, self._term_mask(term, mask))
+            for key, value in term_targets.items():
+                targets[target_key(term.name, key)] = value
         return targets
+
+    def target_settings(self):
+        """What cached targets depend on besides the teacher's weights."""
+        return {term.name: term.target_settings() for term in self._active}
 
     def get_config(self):
         serialize = keras.saving.serialize_keras_object
-        return {
+        config = {
             **super().get_config(),
             "teacher": serialize(self.teacher),
             "student": serialize(self.student),
-            "teacher_modalities": self.teacher_modalities,
-            "student_modalities": self.student_modalities,
             "task_weight": self.task_weight,
+            "student_mask_layer": self.student_mask_layer,
+            "on_bad_sample": self.on_bad_sample,
+        }
+        if not self.short_form:
+            return {**config, "terms": [serialize(term) for term in self.terms]}
+        kd, gram = self.terms
+        return {
+            **config,
+            "teacher_modalities": spec_config(gram.teacher_features),
+            "student_modalities": spec_config(gram.student_features),
             "kd_weight": self.kd_weight,
             "gram_weight": self.gram_weight,
             "temperature": self.temperature,
-            "gram_loss": serialize(self.gram_loss_fn),
-            "student_mask_layer": self.student_mask_layer,
-            "on_bad_sample": self.on_bad_sample,
+            "gram_loss": serialize(gram.gram_loss),
         }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         for key in ("teacher", "student", "gram_loss"):
-            config[key] = keras.saving.deserialize_keras_object(
-                config[key], custom_objects=custom_objects
-            )
+            if config.get(key) is not None:
+                config[key] = keras.saving.deserialize_keras_object(
+                    config[key], custom_objects=custom_objects
+                )
+        if config.get("terms") is not None:
+            config["terms"] = [
+                keras.saving.deserialize_keras_object(t, custom_objects=custom_objects)
+                for t in config["terms"]
+            ]
         return cls(**config)
 
     def save(self, filepath, overwrite=True, zipped=None, **kwargs):

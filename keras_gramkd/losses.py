@@ -23,6 +23,13 @@ from keras.src.losses.loss import scale_loss_for_distribution
 from keras_gramkd import ops as kd_ops
 
 
+def scale_for_replicas(loss):
+    """`loss` divided by the replicas in sync under `tf.distribute`, as Keras
+    divides every loss it reduces (identity on one device and other backends).
+    """
+    return scale_loss_for_distribution(loss)
+
+
 def check_temperature(temperature):
     """Returns `temperature` as a float; raises unless it is finite and > 0."""
     if (
@@ -148,7 +155,7 @@ class ModalityGram(keras.losses.Loss):
             entries=self.entries,
             target=self.target,
         )
-        return scale_loss_for_distribution(loss)
+        return scale_for_replicas(loss)
 
     def gram(self, features, mask=None):
         """The (batch, M, M) Gram matrices this loss compares, for caching."""
@@ -170,4 +177,4 @@ class ModalityGram(keras.losses.Loss):
             entries=self.entries,
             target=self.target,
         )
-        return scale_loss_for_distribution(loss)
+        return scale_for_replicas(loss)

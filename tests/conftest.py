@@ -97,3 +97,68 @@ def net_outputs(model, prefix, x, modalities="abc"):
     )
     out = [keras.ops.convert_to_numpy(o) for o in view(x, training=False)]
     return out[0], np.stack(out[1:], axis=1)
+
+
+def make_nested_net(prefix, width, counter=False, n_classes=3):
+    """A multi-modal net whose encoders are sub-models, with a fusion block.
+
+    - `a_enc`: functional, Dense `embed` (batch, width) then tanh;
+    - `b_enc`: Sequential, a Conv1D `conv` over `b` as a 6-step sequence,
+      (batch, 4, width) tokens, then mean-pooled;
+    - `c_enc`: functional holding the functional `inner` (Dense `embed`):
+      a path two models deep;
+    - `tokens`: the three embeddings as (batch, 3, width), then a
+      MultiHeadAttention `fusion` over them (batch, 3, width), then logits.
+    With `counter`, a CallCounter named `count` sits first in `a_enc` and in
+    `b_enc`.
+    """
+    layers = keras.layers
+    a_in = keras.Input((4,))
+    h = CallCounter(name="count")(a_in) if counter else a_in
+    h = layers.Activation("tanh", name="act")(layers.Dense(width, name="embed")(h))
+    a_enc = keras.Model(a_in, h, name="a_enc")
+    b_layers = [CallCounter(name="count")] if counter else []
+    b_enc = keras.Sequential(
+        [
+            keras.Input((6,)),
+            *b_layers,
+            layers.Reshape((6, 1)),
+            layers.Conv1D(width, 3, activation="tanh", name="conv"),
+            layers.GlobalAveragePooling1D(name="pool"),
+        ],
+        name="b_enc",
+    )
+    inner_in = keras.Input((5,))
+    inner = keras.Model(
+        inner_in, layers.Dense(width, name="embed")(inner_in), name="inner"
+    )
+    c_in = keras.Input((5,))
+    c_enc = keras.Model(
+        c_in, layers.Activation("tanh", name="act")(inner(c_in)), name="c_enc"
+    )
+    inputs = {m: keras.Input((WIDTHS[m],), name=m) for m in "abc"}
+    embeds = [a_enc(inputs["a"]), b_enc(inputs["b"]), c_enc(inputs["c"])]
+    tokens = layers.Reshape((3, width), name="tokens")(layers.Concatenate()(embeds))
+    fused = layers.MultiHeadAttention(2, width, name="fusion")(tokens, tokens)
+    logits = layers.Dense(n_classes, name="logits")(layers.Flatten()(fused))
+    return keras.Model(inputs, logits, name=f"{prefix}_nested")
+
+
+NESTED_PATHS = {"a": "a_enc/embed", "b": "b_enc/conv", "c": "c_enc/inner/embed"}
+
+
+def nested_features(model, x, pool="mean"):
+    """The nested net's per-modality embeddings and fused tokens, computed
+    layer by layer (independently of the Distiller's extractor), as numpy."""
+    to_np = keras.ops.convert_to_numpy
+    a = model.get_layer("a_enc").get_layer("embed")(x["a"])
+    h = x["b"]
+    for layer in model.get_layer("b_enc").layers:
+        h = layer(h)
+        if layer.name == "conv":
+            break
+    h = to_np(h)
+    b = {"mean": h.mean(1), "max": h.max(1), "first": h[:, 0]}[pool]
+    c = model.get_layer("c_enc").get_layer("inner").get_layer("embed")(x["c"])
+    fused_view = keras.Model(model.input, model.get_layer("fusion").output)
+    return np.stack([to_np(a), b, to_np(c)], axis=1), to_np(fused_view(x))

@@ -15,7 +15,8 @@ from keras_gramkd import ModalityGram
 from keras_gramkd.cache import FLOAT16_LOSS_TOLERANCE, FORMAT_VERSION, TeacherCache
 
 TERMS = ("loss", "kd_loss", "gram_loss")
-TARGETS = ("teacher_logits", "teacher_gram")
+LOGITS, GRAM = "teacher/kd/logits", "teacher/gram/gram"
+TARGETS = (LOGITS, GRAM)
 REBUILD = r"Rebuild the cache with TeacherCache\.build"
 
 
@@ -190,18 +191,18 @@ def test_save_and_load_round_trip(tmp_path):
         repr(loaded)
         == repr(cache)
         == (
-            "TeacherCache(40 samples, float16: teacher_logits (40, 3), "
-            "teacher_gram (40, 3, 3))"
+            "TeacherCache(40 samples, float16: teacher/kd/logits (40, 3), "
+            "teacher/gram/gram (40, 3, 3))"
         )
     )
     assert len(loaded) == 40 and loaded.nbytes == cache.nbytes
-    for name in ("checksum_keys", "batch_sizes", "fingerprint", "gram_settings"):
+    for name in ("checksum_keys", "batch_sizes", "fingerprint", "term_settings"):
         assert getattr(loaded, name) == getattr(cache, name)
     np.testing.assert_array_equal(loaded.checksums, cache.checksums)
     with pytest.raises(ValueError, match=r"attach needs the Distiller"):
         loaded.attach(x)
     data, expected = loaded.attach(x, distiller), cache.attach(x)
-    for key in ("teacher_logits", "teacher_gram"):
+    for key in TARGETS:
         np.testing.assert_array_equal(data[key], expected[key])
 
 
@@ -254,14 +255,15 @@ def test_other_gram_settings_are_refused():
     distiller = build()
     cache = TeacherCache.build(distiller, x)
     centered = build(teacher=distiller.teacher, gram_loss=ModalityGram("centered"))
-    with pytest.raises(ValueError, match=f"Gram was formed with.*'l2'.*{REBUILD}"):
+    formed = f"targets of term 'gram' were formed with.*'l2'.*{REBUILD}"
+    with pytest.raises(ValueError, match=formed):
         cache.attach(x, centered)
     logits_only = TeacherCache.build(build((1.0, 1.0, 0.0), distiller.teacher), x)
-    assert sorted(logits_only.targets) == ["teacher_logits"]
-    with pytest.raises(ValueError, match="holds no teacher Gram"):
+    assert sorted(logits_only.targets) == [LOGITS]
+    with pytest.raises(ValueError, match=r"holds no targets for term\(s\) \['gram'\]"):
         logits_only.attach(x, distiller)
     kd_only = build((1.0, 1.0, 0.0), distiller.teacher)
-    assert sorted(cache.attach(x, kd_only)) == [*sorted(x), "teacher_logits"]
+    assert sorted(cache.attach(x, kd_only)) == [*sorted(x), LOGITS]
 
 
 def test_different_data_of_the_same_size_is_caught_by_checksums():

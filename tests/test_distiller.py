@@ -261,7 +261,7 @@ def test_different_class_counts():
 
 
 @pytest.mark.parametrize("name", ["task_weight", "kd_weight", "gram_weight"])
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), None])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1.0"])
 def test_bad_weights(name, bad):
     weights = {"task_weight": 1.0, "kd_weight": 1.0, "gram_weight": 1.0, name: bad}
     with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
@@ -303,7 +303,8 @@ def test_softmax_output_refused():
 
 
 def test_gram_needs_modalities():
-    with pytest.raises(ValueError, match="gram_weight > 0 needs teacher_modalities"):
+    needs = r"Gram term 'gram' needs .*teacher_modalities and student_modalities"
+    with pytest.raises(ValueError, match=needs):
         Distiller(make_net("t", 8), make_net("s", 4))
 
 
@@ -315,7 +316,7 @@ def test_modality_widths_must_agree_within_a_network():
         inputs, keras.layers.Dense(3)(keras.layers.Concatenate()([ea, eb]))
     )
     with pytest.raises(
-        ValueError, match=r"(?s)In the student: .*widths differ.*projection"
+        ValueError, match=r"(?s)the student's modality widths differ.*projection"
     ):
         build(student=student, student_modalities=modality_map("s", "ab"))
 
@@ -323,7 +324,8 @@ def test_modality_widths_must_agree_within_a_network():
 def test_stacked_spec_with_wrong_rank_and_bad_spec_type():
     with pytest.raises(ValueError, match=r"must output the stacked \(batch, M, d\)"):
         build(student_modalities="s_a")
-    with pytest.raises(ValueError, match="student_modalities must be a dict"):
+    bad_type = "student_features of term 'gram'.*must be a layer name, a path"
+    with pytest.raises(ValueError, match=bad_type):
         build(student_modalities=["s_a"])
 
 
