@@ -489,15 +489,12 @@ class Distiller(keras.Model):
         for term in self._active:
             features["teacher"] += spec_features(term.teacher_spec())
             features["student"] += spec_features(term.student_spec())
-        if self.student_mask_layer is not None and not features["student"]:
-            raise ValueError(
-                "student_mask_layer needs a term that reads the student's "
-                "modality features (a Gram term with a non-zero weight)."
-            )
+        # The mask only acts on terms that take it: with those off (a KD-only
+        # run of a student built with ModalityDropout) there is nothing to mask.
+        uses_mask = any(term.uses_mask for term in self._active)
+        mask_layer = self.student_mask_layer if uses_mask else None
         t_shapes = self._teacher.add_features(features["teacher"])
-        s_shapes = self._student.add_features(
-            features["student"], self.student_mask_layer
-        )
+        s_shapes = self._student.add_features(features["student"], mask_layer)
         for role, feats in features.items():
             _check_unique_modalities(role, self._active, feats)
         n_modalities = len(self.modality_names or [])
@@ -509,7 +506,7 @@ class Distiller(keras.Model):
             spec = term.student_spec()
             if term.uses_mask and spec is not None and not isinstance(spec, dict):
                 n_modalities = n_modalities or s_shapes[spec.address][1]
-        if self.student_mask_layer is not None:
+        if self._student.mask_path is not None:
             self._student.check_mask(n_modalities)
 
     def fit(

@@ -221,7 +221,15 @@ class DistillationTerm(keras.layers.Layer):
         )
 
     def reduce(self, values, sample_weight=None):
-        """The weighted mean of per-sample `values` (batch,), replica-scaled."""
+        """Per-sample `values` (batch, ...) to the term's scalar.
+
+        The mean over each sample's entries, then the `sample_weight`-weighted
+        mean over samples (skipped samples have weight 0), scaled for replicas
+        under `tf.distribute`.
+        """
+        values = ops.cast(values, "float32")
+        if len(values.shape) > 1:
+            values = ops.mean(values, axis=tuple(range(1, len(values.shape))))
         return scale_for_replicas(kd_ops.masked_mean(values, sample_weight))
 
     def target_settings(self):
