@@ -93,3 +93,25 @@ def test_quickstart_example_trains_teacher_and_student():
     student = float(re.search(r"student test accuracy: ([\d.]+)", out).group(1))
     assert teacher > 0.85  # 10 classes: chance is 0.1
     assert 0.1 < student <= 1.0
+
+
+def test_readme_quickstart_runs_as_pasted(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Quickstart") :]
+    code = section[
+        section.index("```python") + len("```python") : section.index("```\n\n")
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        cwd=tmp_path,
+        env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()),
+    ).stdout
+    teacher = float(re.search(r"teacher ([\d.]+)", out).group(1))
+    student = float(re.search(r"student ([\d.]+)", out).group(1))
+    assert teacher > 0.85 and 0.1 < student <= 1.0  # 10 classes: chance is 0.1
+    reloaded = keras.saving.load_model(tmp_path / "student.keras")
+    assert reloaded.name == "student" and reloaded.output.shape[-1] == 10
