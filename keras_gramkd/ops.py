@@ -72,7 +72,14 @@ def _cosine_gram(features, epsilon=NORM_EPSILON):
     scale = ops.maximum(ops.max(ops.abs(features), axis=-1, keepdims=True), 1.0)
     features = features / ops.stop_gradient(scale)
     gram = ops.matmul(features, ops.transpose(features, (0, 2, 1)))
-    squared_norms = ops.diagonal(gram, axis1=1, axis2=2)
+    # The diagonal as a masked sum (exactly the diagonal entries): TensorFlow's
+    # gradient of a diagonal op fails when the incoming gradient has lost its
+    # static shape, as it does behind some Dense layers over token tensors.
+    m = gram.shape[-1]
+    if m is None:
+        squared_norms = ops.sum(ops.square(features), axis=-1)
+    else:
+        squared_norms = ops.sum(gram * ops.eye(m, dtype=gram.dtype), axis=-1)
     inverse_norms = 1.0 / ops.sqrt(ops.maximum(squared_norms, epsilon))
     return gram * ops.expand_dims(inverse_norms, 2) * ops.expand_dims(inverse_norms, 1)
 

@@ -13,6 +13,7 @@ from conftest import (
     nested_features,
     sparse_ce,
 )
+from test_cache import batch_losses
 from test_ops import np_gram, np_logit_kd, to_np
 
 from keras_gramkd import (
@@ -43,27 +44,6 @@ def np_cosine_distance(t, s):
     t = t / np.linalg.norm(t, axis=-1, keepdims=True)
     s = s / np.linalg.norm(s, axis=-1, keepdims=True)
     return np.mean(1.0 - np.sum(t * s, axis=-1))
-
-
-class BatchLosses(keras.callbacks.Callback):
-    """Records every loss Keras logs after each training batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.rows = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        losses = sorted((k, float(v)) for k, v in logs.items() if k.endswith("loss"))
-        self.rows.append([v for _, v in losses])
-
-
-def batch_losses(distiller, x, y):
-    record = BatchLosses()
-    keras.utils.set_random_seed(7)  # the same shuffles for both fits
-    distiller.fit(
-        x, y, batch_size=16, epochs=2, shuffle=True, verbose=0, callbacks=[record]
-    )
-    return np.array(record.rows)
 
 
 def compiled(distiller, **kwargs):
