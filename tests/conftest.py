@@ -24,6 +24,8 @@ def _is_symbolic(x):
         import jax
 
         return isinstance(x, jax.core.Tracer)
+    if keras.backend.backend() == "torch":  # shape inference runs on "meta"
+        return x.device.type == "meta"
     return False
 
 
