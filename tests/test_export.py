@@ -221,6 +221,65 @@ def test_mixed_precision_student_exports_float32(digits, tmp_path):
     assert row.passed and row.max_abs_diff <= 1e-4
 
 
+def _one_unit_student(dims, seed):
+    keras.utils.set_random_seed(seed)
+    inputs = {name: keras.Input((dim,), name=name) for name, dim in dims.items()}
+    embeds = [keras.layers.Dense(8, activation="relu")(inputs[n]) for n in dims]
+    logit = keras.layers.Dense(1)(keras.layers.Concatenate()(embeds))
+    return keras.Model(inputs, logit, name="binary")
+
+
+@pytest.fixture(scope="module")
+def one_unit(digits, tmp_path_factory):
+    """A one-unit (binary: digit >= 5) student, exported dynamic and int8."""
+    x_train, y_train, x_test, _ = digits
+    model = _one_unit_student({k: v.shape[1] for k, v in x_train.items()}, seed=0)
+    model.compile("adam", keras.losses.BinaryCrossentropy(from_logits=True))
+    model.fit(x_train, (y_train >= 5).astype("float32"), epochs=3, verbose=0)
+    report = gx.export_student(
+        model,
+        tmp_path_factory.mktemp("one_unit"),
+        quantize=["dynamic", "int8"],
+        representative_data={k: v[:200] for k, v in x_train.items()},
+        sample_data=x_test,
+        latency_runs=1,
+    )
+    return model, report
+
+
+def test_one_unit_export_is_judged_on_sign_and_values(one_unit):
+    _, report = one_unit
+    assert report.ok and len(report.rows) == 4
+    assert {(r.format, r.quantize) for r in report.rows} == {
+        (f, q) for f in ("tflite", "onnx") for q in ("dynamic", "int8")
+    }
+    for row in report.rows:
+        assert row.criterion == "sign >= 98%, rms/std <= 0.1"
+        assert row.top1_agreement >= 0.98 and row.rms_ratio <= 0.1
+
+
+@pytest.mark.parametrize("other", ["unrelated", "scaled"])
+def test_one_unit_file_fails_against_another_model(one_unit, digits, other):
+    """An argmax over one unit always agrees; sign and RMS diff must not."""
+    model, report = one_unit
+    x_test = digits[2]
+    if other == "unrelated":
+        against = _one_unit_student({k: v.shape[1] for k, v in x_test.items()}, 1)
+    else:  # Same signs, values 1.5 times larger: only the value tolerance sees it.
+        against = keras.Model(model.input, keras.layers.Rescaling(1.5)(model.output))
+    for row in report.rows:
+        checked = gx.verify_artifact(
+            row.file, against, x_test, row.quantize, latency_runs=1
+        )
+        assert not checked.passed, (row.file, checked)
+        assert checked.rms_ratio > 0.3
+        if other == "scaled":  # Sign agreement alone would pass it.
+            assert checked.top1_agreement >= 0.98
+        error = gx.ExportVerificationError(gx.ExportReport([checked], BACKEND, 1, "."))
+        assert "sign >= 98%, rms/std <= 0.1 failed" in str(error)
+        assert "exported from this model" in str(error)
+
+
 def test_report_renderings(report):
     text = str(report)
     assert "max|diff|" in text and "student_int8.tflite" in text
