@@ -36,7 +36,9 @@ print(report)
 from __future__ import annotations
 
 import argparse
+import builtins
 import dataclasses
+import dis
 import importlib
 import importlib.util
 import json
@@ -48,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -94,6 +97,9 @@ _ONNX_DTYPES = {
     "tensor(int64)": "int64",
 }
 _CHILD = "child process (tensorflow)"
+# Names TensorFlow accepts for a SavedModel signature argument (Keras already
+# refuses '/' in a layer name).
+_TFLITE_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.>-]*")
 
 
 class ExportError(RuntimeError):
@@ -314,6 +320,13 @@ def load_student(student):
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as error:
+        if "safe_mode" in str(error):
+            raise ValueError(
+                f"{path} holds a Lambda layer with Python code, which Keras loads "
+                "only with safe_mode=False. If you trust the file, load it "
+                "yourself, keras.saving.load_model(path, safe_mode=False), and "
+                "pass the model instead of the path."
+            ) from error
         raise ValueError(
             f"{path} is not a Keras model that can be loaded: {error}"
         ) from error
@@ -338,6 +351,20 @@ def input_names(model):
     if isinstance(struct, Mapping):
         return list(struct.keys())
     return [tensor.name for tensor in model.inputs]
+
+
+def _check_tflite_names(model):
+    """Raises a `ValueError` for input names a TFLite signature cannot hold."""
+    bad = [n for n in input_names(model) if not _TFLITE_NAME.fullmatch(n)]
+    if bad:
+        fixed = {n: re.sub(r"[^A-Za-z0-9_.-]", "_", n).lstrip("_") for n in bad}
+        raise ValueError(
+            f"TFLite cannot name inputs {bad}: a signature input name may hold "
+            "only letters, digits, '_', '.' and '-', and may not start with "
+            "'_'. Rename the keras.Input (and its key in the input dict), e.g. "
+            + ", ".join(f"{n!r} -> {f or 'input'!r}" for n, f in fixed.items())
+            + ". ONNX accepts the names as they are (formats='onnx')."
+        )
 
 
 def _input_specs(model):
@@ -512,15 +539,60 @@ def _float32_model(model):
     return clone, True
 
 
-def _custom_modules(model):
-    """Importable modules defining the model's non-Keras classes."""
-    modules = {type(model).__module__}
-    modules |= {type(layer).__module__ for layer in model._flatten_layers()}
-    return sorted(
-        m
-        for m in modules
-        if m and m != "__main__" and m.split(".")[0] not in ("keras", "builtins")
+def _global_names(code):
+    """Non-builtin global names that a function's bytecode reads."""
+    names = {
+        i.argval
+        for i in dis.get_instructions(code)
+        if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")
+    }
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return {name for name in names if not hasattr(builtins, name)}
+
+
+def _custom_objects(model, formats):
+    """`{saved name: [module, qualified name]}` the child process must import.
+
+    These are the model's own classes and the named functions of its `Lambda`
+    layers. One defined in `__main__` (a script or notebook) or inside a
+    function cannot be imported there, and a saved Python lambda keeps only
+    its bytecode, not the globals it reads: each is a `ValueError` that says
+    what to move where.
+    """
+    layers = model._flatten_layers()
+    classes = {type(model)} | {type(layer) for layer in layers}
+    objects = {
+        keras.saving.get_registered_name(c): c
+        for c in classes
+        if c.__module__.split(".")[0] != "keras"
+    }
+    stuck = []
+    for layer in layers:
+        if not isinstance(layer, keras.layers.Lambda):
+            continue
+        if layer.function.__name__ != "<lambda>":
+            objects[layer.function.__name__] = layer.function
+        elif _global_names(layer.function.__code__):
+            names = sorted(_global_names(layer.function.__code__))
+            stuck.append(f"the Lambda layer {layer.name!r}, whose lambda reads {names}")
+    stuck += sorted(
+        f"{obj.__qualname__} (in {obj.__module__})"
+        for obj in objects.values()
+        if obj.__module__ == "__main__" or "<locals>" in obj.__qualname__
     )
+    if stuck:
+        raise ValueError(
+            f"The student uses {'; '.join(stuck)}. Exporting {formats} from the "
+            f"{keras.backend.backend()} backend converts in a TensorFlow child "
+            "process, which cannot import a class or function defined in "
+            "__main__ (your script or notebook) or inside a function, nor the "
+            "globals of a saved lambda. Move it into a module (a .py file next "
+            "to your script; a lambda becomes a def there) and import it from "
+            "there, or export under KERAS_BACKEND=tensorflow."
+        )
+    return {name: [obj.__module__, obj.__qualname__] for name, obj in objects.items()}
 
 
 # --------------------------------------------------------------------------
@@ -634,22 +706,27 @@ def _quantize_onnx_file(src, dst, quantize, calibration):
     )
 
 
-def _run_child(model, jobs, calibration, int8_io, workdir):
-    """Converts `jobs` in a `KERAS_BACKEND=tensorflow` child process."""
+def _child_objects(model, jobs):
+    """Checks that the child process can run `jobs`; returns `_custom_objects`."""
+    formats = sorted({job["fmt"] for job in jobs})
     if importlib.util.find_spec("tensorflow") is None:
         raise ImportError(
-            f"Exporting {sorted({job['fmt'] for job in jobs})} from the "
-            f"{keras.backend.backend()} backend converts in a TensorFlow child "
-            "process, and tensorflow is not installed. Install it with: "
-            'pip install "keras-gramkd[tensorflow,export]"'
+            f"Exporting {formats} from the {keras.backend.backend()} backend "
+            "converts in a TensorFlow child process, and tensorflow is not "
+            'installed. Install it with: pip install "keras-gramkd[tensorflow,export]"'
         )
+    return _custom_objects(model, formats)
+
+
+def _run_child(model, jobs, calibration, int8_io, workdir, objects):
+    """Converts `jobs` in a `KERAS_BACKEND=tensorflow` child process."""
     model_path = Path(workdir) / "student.keras"
     model.save(model_path)
     spec = {
         "model": str(model_path),
         "jobs": jobs,
         "int8_io": int8_io,
-        "modules": _custom_modules(model),
+        "objects": objects,
         "calibration": None,
     }
     if calibration is not None:
@@ -679,9 +756,17 @@ def _run_child(model, jobs, calibration, int8_io, workdir):
 def _child_main(spec_path):
     """Entry point of the child process: converts the jobs of `spec_path`."""
     spec = json.loads(Path(spec_path).read_text())
-    for module in spec["modules"]:
-        importlib.import_module(module)
-    model = keras.saving.load_model(spec["model"], compile=False)
+    custom_objects = {}
+    for name, (module, qualname) in spec["objects"].items():
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        custom_objects[name] = obj
+    # The parent wrote this file from the model it holds in memory, so its
+    # Lambda layers are the caller's own code, not an untrusted file's.
+    model = keras.saving.load_model(
+        spec["model"], custom_objects=custom_objects, compile=False, safe_mode=False
+    )
     calibration = None
     if spec["calibration"]:
         with np.load(spec["calibration"]) as npz:
@@ -1057,6 +1142,9 @@ def export_student(
     ```
     """
     fmts, quants = _normalise_options(formats, quantize)
+    model, _ = _float32_model(load_student(student))
+    if "tflite" in fmts:
+        _check_tflite_names(model)
     if "int8" in quants and representative_data is None:
         raise ValueError(
             "quantize='int8' needs representative_data: a few hundred real input "
@@ -1066,7 +1154,6 @@ def export_student(
         _require("ai_edge_litert", "TFLite verification")
     if "onnx" in fmts:
         _require("onnxruntime", "ONNX export and verification")
-    model, _ = _float32_model(load_student(student))
     calibration = None
     if representative_data is not None:
         calibration = _as_input_dict(
@@ -1077,6 +1164,13 @@ def export_student(
     elif calibration is not None:
         samples = calibration
     else:
+        dynamic = {k: s for k, (s, _) in _input_specs(model).items() if None in s}
+        if dynamic:
+            raise ValueError(
+                f"Input(s) {dynamic} have a dynamic dimension (None), so no "
+                "random sample data can be made to verify the files. Pass "
+                "sample_data: real inputs, a dict of arrays keyed by input name."
+            )
         rng = np.random.default_rng(0)
         samples = {
             k: rng.standard_normal((64, *shape)).astype("float32")
@@ -1105,11 +1199,12 @@ def export_student(
                 (fmt, q, export_dir / f"{stem}_{q or 'float32'}{_SUFFIX[fmt]}", path)
             )
 
+    objects = _child_objects(model, child_jobs) if child_jobs else None
     for job in in_process:
         _convert(model, **job, calibration=calibration, int8_io=int8_io)
     if child_jobs:
         with tempfile.TemporaryDirectory() as workdir:
-            _run_child(model, child_jobs, calibration, int8_io, workdir)
+            _run_child(model, child_jobs, calibration, int8_io, workdir, objects)
     onnx_float = export_dir / f"{stem}_float32.onnx"
     for fmt, q, out, _ in plan:
         if fmt == "onnx" and q is not None:

@@ -356,6 +356,116 @@ def test_path_that_is_not_a_keras_model(tmp_path):
         gx.export_student(tmp_path / "missing.keras", tmp_path)
 
 
+def _tiny(layer, name="a"):
+    inputs = keras.Input((4,), name=name)
+    return keras.Model({name: inputs}, keras.layers.Dense(2)(layer(inputs)))
+
+
+X4 = {"a": np.random.default_rng(0).normal(size=(16, 4)).astype("float32")}
+
+
+def test_dynamic_length_input_needs_sample_data(tmp_path):
+    inputs = keras.Input((None, 4), name="seq")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Dense(5)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(pooled))
+    with pytest.raises(
+        ValueError, match=r"\{'seq': \(None, 4\)\} have a dynamic.*Pass sample_data"
+    ):
+        gx.export_student(model, tmp_path, formats="onnx")
+
+
+@keras.saving.register_keras_serializable(package="gramkd_test")
+class Halve(keras.layers.Layer):
+    """A custom layer in an importable module: the child process imports it."""
+
+    def call(self, x):
+        return 0.5 * x
+
+
+class Thrice(keras.layers.Layer):
+    """Not registered: the child gets it as a custom object by module and name."""
+
+    def call(self, x):
+        return 3.0 * x
+
+
+def triple(x):
+    return 3.0 * x
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+@pytest.mark.parametrize(
+    "layer",
+    ["module layer", "unregistered layer", "pure lambda", "module function"],
+)
+def test_custom_code_the_child_can_import_exports(tmp_path, fmt, layer):
+    layer = {
+        "module layer": Halve(),
+        "unregistered layer": Thrice(),
+        "pure lambda": keras.layers.Lambda(lambda x: 2.0 * x + 1.0),
+        "module function": keras.layers.Lambda(triple),
+    }[layer]
+    report = gx.export_student(
+        _tiny(layer), tmp_path, formats=fmt, sample_data=X4, latency_runs=1
+    )
+    (row,) = report.rows
+    assert row.passed and row.max_abs_diff <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+@pytest.mark.parametrize("what", ["__main__ layer", "local function", "lambda"])
+def test_custom_code_the_child_cannot_import_is_named(tmp_path, fmt, what):
+    def local(x):
+        return 2.0 * x
+
+    if what == "__main__ layer":  # as if defined in the user's script
+        cls = type(
+            "ScriptLayer",
+            (keras.layers.Layer,),
+            {"call": Halve.call, "__module__": "__main__"},
+        )
+        layer, named = cls(), r"ScriptLayer \(in __main__\)"
+    elif what == "local function":
+        layer = keras.layers.Lambda(local)
+        named = r"test_custom_code_the_child_cannot_import_is_named.<locals>.local"
+    else:
+        layer = keras.layers.Lambda(lambda x: keras.ops.tanh(x), name="squash")
+        named = r"the Lambda layer 'squash', whose lambda reads \['keras'\]"
+    model = _tiny(layer)
+    if gx._in_process_supported(fmt):  # Nothing to import: it works.
+        report = gx.export_student(
+            model, tmp_path, formats=fmt, sample_data=X4, latency_runs=1
+        )
+        assert report.ok
+        return
+    with pytest.raises(ValueError, match=named) as info:
+        gx.export_student(model, tmp_path, formats=fmt, sample_data=X4)
+    assert "Move it into a module" in str(info.value)
+    assert "KERAS_BACKEND=tensorflow" in str(info.value)
+
+
+def test_lambda_in_a_keras_file_says_how_to_load_it(tmp_path):
+    _tiny(keras.layers.Lambda(lambda x: 2.0 * x)).save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match=r"safe_mode=False.*pass the model") as info:
+        gx.export_student(tmp_path / "lambda.keras", tmp_path)
+    assert "keras.saving.load_model(path, safe_mode=False)" in str(info.value)
+
+
+def test_tflite_input_names_with_spaces_are_named_with_a_fix(tmp_path):
+    model = _tiny(keras.layers.Identity(), name="left eye")
+    with pytest.raises(
+        ValueError, match=r"TFLite cannot name inputs \['left eye'\]"
+    ) as info:
+        gx.export_student(model, tmp_path, formats="tflite")
+    assert "'left eye' -> 'left_eye'" in str(info.value)
+    # ONNX takes the name as it is.
+    data = {"left eye": X4["a"]}
+    report = gx.export_student(
+        model, tmp_path, formats="onnx", sample_data=data, latency_runs=1
+    )
+    assert report.ok and report.rows[0].inputs == {"left eye": "float32"}
+
+
 def test_missing_data_key(student, digits, tmp_path):
     partial = {k: v for k, v in digits[2].items() if k != "kar"}
     with pytest.raises(ValueError, match=r"lacks the model input\(s\) \['kar'\]"):
