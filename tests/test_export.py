@@ -106,6 +106,7 @@ def test_runtimes_installed():
         assert importlib.util.find_spec(module.split(".")[0]), module
 
 
+@pytest.mark.slow
 def test_every_file_is_written_and_passes(report):
     assert report.ok
     assert report.backend == BACKEND
@@ -119,6 +120,7 @@ def test_every_file_is_written_and_passes(report):
 
 
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+@pytest.mark.slow
 def test_tolerances(report, fmt):
     assert _row(report, fmt, None).max_abs_diff <= 1e-4
     assert _row(report, fmt, None).top1_agreement == 1.0
@@ -127,6 +129,7 @@ def test_tolerances(report, fmt):
     assert _row(report, fmt, "int8").top1_agreement >= 0.98
 
 
+@pytest.mark.slow
 def test_quantised_files_are_smaller(report):
     tflite = _row(report, "tflite", None).bytes
     assert _row(report, "tflite", "int8").bytes <= 0.30 * tflite
@@ -136,6 +139,7 @@ def test_quantised_files_are_smaller(report):
     assert _row(report, "onnx", "int8").bytes <= 0.40 * onnx
 
 
+@pytest.mark.slow
 def test_export_path_per_backend(report):
     paths = {row.format: row.path for row in report.rows}
     if BACKEND == "tensorflow":
@@ -147,6 +151,7 @@ def test_export_path_per_backend(report):
         assert paths["onnx"] == expected
 
 
+@pytest.mark.slow
 def test_inputs_are_named_and_fed_by_name(report, student, digits):
     import onnxruntime
     from ai_edge_litert.interpreter import Interpreter
@@ -169,6 +174,7 @@ def test_inputs_are_named_and_fed_by_name(report, student, digits):
     np.testing.assert_allclose(out, expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_plain_students_have_no_flex_ops(report):
     for row in report.rows:
         if row.format == "tflite":
@@ -185,6 +191,7 @@ class Determinant(keras.layers.Layer):
         return keras.ops.det(keras.ops.reshape(x, (-1, 2, 2)))[:, None]
 
 
+@pytest.mark.slow
 def test_flex_ops_fail_with_the_op_name(tmp_path):
     inputs = keras.Input((4,), name="a")
     model = keras.Model(inputs, keras.layers.Dense(2)(Determinant()(inputs)))
@@ -193,6 +200,7 @@ def test_flex_ops_fail_with_the_op_name(tmp_path):
     assert "standalone LiteRT" in str(info.value)
 
 
+@pytest.mark.slow
 def test_int8_inputs_and_outputs(student, digits, tmp_path):
     x_train, _, x_test, _ = digits
     report = gx.export_student(
@@ -210,6 +218,7 @@ def test_int8_inputs_and_outputs(student, digits, tmp_path):
     assert row.top1_agreement >= 0.98
 
 
+@pytest.mark.slow
 def test_mixed_precision_student_exports_float32(digits, tmp_path):
     x_train = {k: v[:64] for k, v in digits[0].items()}
     model = _student({k: v.shape[1] for k, v in x_train.items()}, 16, "mixed_float16")
@@ -247,6 +256,7 @@ def one_unit(digits, tmp_path_factory):
     return model, report
 
 
+@pytest.mark.slow
 def test_one_unit_export_is_judged_on_sign_and_values(one_unit):
     _, report = one_unit
     assert report.ok and len(report.rows) == 4
@@ -259,6 +269,7 @@ def test_one_unit_export_is_judged_on_sign_and_values(one_unit):
 
 
 @pytest.mark.parametrize("other", ["unrelated", "scaled"])
+@pytest.mark.slow
 def test_one_unit_file_fails_against_another_model(one_unit, digits, other):
     """An argmax over one unit always agrees; sign and RMS diff must not."""
     model, report = one_unit
@@ -280,6 +291,7 @@ def test_one_unit_file_fails_against_another_model(one_unit, digits, other):
         assert "exported from this model" in str(error)
 
 
+@pytest.mark.slow
 def test_report_renderings(report):
     text = str(report)
     assert "max|diff|" in text and "student_int8.tflite" in text
@@ -291,6 +303,7 @@ def test_report_renderings(report):
     assert data["rows"][0]["inputs"]
 
 
+@pytest.mark.slow
 def test_cli_exports_a_keras_file(student, digits, tmp_path, capsys):
     student.save(tmp_path / "student.keras")
     np.savez(tmp_path / "data.npz", label=digits[3], **digits[2])
@@ -398,6 +411,7 @@ def triple(x):
     "layer",
     ["module layer", "unregistered layer", "pure lambda", "module function"],
 )
+@pytest.mark.slow
 def test_custom_code_the_child_can_import_exports(tmp_path, fmt, layer):
     layer = {
         "module layer": Halve(),
@@ -451,6 +465,7 @@ def test_lambda_in_a_keras_file_says_how_to_load_it(tmp_path):
     assert "keras.saving.load_model(path, safe_mode=False)" in str(info.value)
 
 
+@pytest.mark.slow
 def test_tflite_input_names_with_spaces_are_named_with_a_fix(tmp_path):
     model = _tiny(keras.layers.Identity(), name="left eye")
     with pytest.raises(
@@ -481,6 +496,7 @@ def test_missing_optional_dependency(student, tmp_path, monkeypatch, module, fmt
         gx.export_student(student, tmp_path, formats=fmt)
 
 
+@pytest.mark.slow
 def test_import_is_lazy():
     code = (
         "import sys, keras_gramkd.export\n"
