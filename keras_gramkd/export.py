@@ -3,8 +3,9 @@
 `export_student` converts a trained student with Keras' own `model.export`
 (`format="litert"` / `format="onnx"`), quantises it if asked, then loads each file
 in the runtime it will ship with (`ai_edge_litert` and `onnxruntime`) and compares
-it with the Keras model on sample data: max |diff|, top-1 agreement, latency per
-sample and the batch sizes the file accepts.
+it with the Keras model on sample data: max |diff|, RMS diff over the output's
+spread, top-1 (or, for one-unit outputs, sign) agreement, latency per sample and
+the batch sizes the file accepts.
 
 Keras can only build a `.tflite` file under the TensorFlow backend, and ONNX
 export differs per backend (TensorFlow: tf2onnx; PyTorch: `torch.onnx`; JAX:
@@ -35,7 +36,9 @@ print(report)
 from __future__ import annotations
 
 import argparse
+import builtins
 import dataclasses
+import dis
 import importlib
 import importlib.util
 import json
@@ -47,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -80,6 +84,8 @@ _EXTRA = 'pip install "keras-gramkd[export]"'
 FLOAT32_ATOL = 1e-4
 FLOAT16_ATOL = 1e-2
 MIN_TOP1_AGREEMENT = 0.98
+# Quantised files: RMS |diff| at most this share of the Keras output's std.
+MAX_RMS_RATIO = 0.1
 _IN_PROCESS = "in-process"
 _ONNX_DTYPES = {
     "tensor(float)": "float32",
@@ -91,6 +97,9 @@ _ONNX_DTYPES = {
     "tensor(int64)": "int64",
 }
 _CHILD = "child process (tensorflow)"
+# Names TensorFlow accepts for a SavedModel signature argument (Keras already
+# refuses '/' in a layer name).
+_TFLITE_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.>-]*")
 
 
 class ExportError(RuntimeError):
@@ -118,7 +127,12 @@ class ExportVerificationError(ExportError):
     def __init__(self, report):
         self.report = report
         bad = [r for r in report.rows if not r.passed]
-        lines = [f"{r.file}: {r.criterion} failed ({r.note})" for r in bad]
+        lines = [
+            f"{r.file}: {r.criterion} failed (max|diff| {r.max_abs_diff:.3g}, "
+            f"rms/std {r.rms_ratio:.3g}, agreement {100 * r.top1_agreement:.2f}%; "
+            f"{r.note}). Check that the file was exported from this model."
+            for r in bad
+        ]
         super().__init__(
             "Exported files failed verification:\n  "
             + "\n  ".join(lines)
@@ -152,7 +166,11 @@ class ExportRow:
         bytes: Size of the file.
         path: How it was produced: in-process or in a TensorFlow child process.
         max_abs_diff: Max |runtime - Keras| over all outputs of `sample_data`.
-        top1_agreement: Share of samples whose argmax matches Keras.
+        rms_ratio: RMS |runtime - Keras| over the std of the Keras output (the
+            largest over outputs).
+        top1_agreement: Share of samples whose argmax matches Keras; for a
+            one-unit output, whose sign does (side of 0.5 if the Keras output
+            lies in [0, 1]). The smallest over outputs.
         latency_ms: Median runtime latency per sample, in milliseconds.
         keras_latency_ms: Median Keras `predict_on_batch` latency per sample.
         batch_sizes: `"1, dynamic"` or `"1"`: what the file accepts.
@@ -168,6 +186,7 @@ class ExportRow:
     bytes: int
     path: str
     max_abs_diff: float
+    rms_ratio: float
     top1_agreement: float
     latency_ms: float
     keras_latency_ms: float
@@ -185,6 +204,7 @@ class ExportRow:
             os.path.basename(self.file),
             f"{self.bytes:,}",
             f"{self.max_abs_diff:.2e}",
+            f"{self.rms_ratio:.2e}",
             f"{100 * self.top1_agreement:.2f}%",
             f"{self.latency_ms:.4f}",
             f"{self.keras_latency_ms:.4f}",
@@ -219,6 +239,7 @@ class ExportReport:
         "file",
         "bytes",
         "max|diff|",
+        "rms/std",
         "top-1 agree",
         "ms/sample",
         "keras ms/sample",
@@ -299,6 +320,13 @@ def load_student(student):
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as error:
+        if "safe_mode" in str(error):
+            raise ValueError(
+                f"{path} holds a Lambda layer with Python code, which Keras loads "
+                "only with safe_mode=False. If you trust the file, load it "
+                "yourself, keras.saving.load_model(path, safe_mode=False), and "
+                "pass the model instead of the path."
+            ) from error
         raise ValueError(
             f"{path} is not a Keras model that can be loaded: {error}"
         ) from error
@@ -323,6 +351,20 @@ def input_names(model):
     if isinstance(struct, Mapping):
         return list(struct.keys())
     return [tensor.name for tensor in model.inputs]
+
+
+def _check_tflite_names(model):
+    """Raises a `ValueError` for input names a TFLite signature cannot hold."""
+    bad = [n for n in input_names(model) if not _TFLITE_NAME.fullmatch(n)]
+    if bad:
+        fixed = {n: re.sub(r"[^A-Za-z0-9_.-]", "_", n).lstrip("_") for n in bad}
+        raise ValueError(
+            f"TFLite cannot name inputs {bad}: a signature input name may hold "
+            "only letters, digits, '_', '.' and '-', and may not start with "
+            "'_'. Rename the keras.Input (and its key in the input dict), e.g. "
+            + ", ".join(f"{n!r} -> {f or 'input'!r}" for n, f in fixed.items())
+            + ". ONNX accepts the names as they are (formats='onnx')."
+        )
 
 
 def _input_specs(model):
@@ -497,15 +539,60 @@ def _float32_model(model):
     return clone, True
 
 
-def _custom_modules(model):
-    """Importable modules defining the model's non-Keras classes."""
-    modules = {type(model).__module__}
-    modules |= {type(layer).__module__ for layer in model._flatten_layers()}
-    return sorted(
-        m
-        for m in modules
-        if m and m != "__main__" and m.split(".")[0] not in ("keras", "builtins")
+def _global_names(code):
+    """Non-builtin global names that a function's bytecode reads."""
+    names = {
+        i.argval
+        for i in dis.get_instructions(code)
+        if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")
+    }
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return {name for name in names if not hasattr(builtins, name)}
+
+
+def _custom_objects(model, formats):
+    """`{saved name: [module, qualified name]}` the child process must import.
+
+    These are the model's own classes and the named functions of its `Lambda`
+    layers. One defined in `__main__` (a script or notebook) or inside a
+    function cannot be imported there, and a saved Python lambda keeps only
+    its bytecode, not the globals it reads: each is a `ValueError` that says
+    what to move where.
+    """
+    layers = model._flatten_layers()
+    classes = {type(model)} | {type(layer) for layer in layers}
+    objects = {
+        keras.saving.get_registered_name(c): c
+        for c in classes
+        if c.__module__.split(".")[0] != "keras"
+    }
+    stuck = []
+    for layer in layers:
+        if not isinstance(layer, keras.layers.Lambda):
+            continue
+        if layer.function.__name__ != "<lambda>":
+            objects[layer.function.__name__] = layer.function
+        elif _global_names(layer.function.__code__):
+            names = sorted(_global_names(layer.function.__code__))
+            stuck.append(f"the Lambda layer {layer.name!r}, whose lambda reads {names}")
+    stuck += sorted(
+        f"{obj.__qualname__} (in {obj.__module__})"
+        for obj in objects.values()
+        if obj.__module__ == "__main__" or "<locals>" in obj.__qualname__
     )
+    if stuck:
+        raise ValueError(
+            f"The student uses {'; '.join(stuck)}. Exporting {formats} from the "
+            f"{keras.backend.backend()} backend converts in a TensorFlow child "
+            "process, which cannot import a class or function defined in "
+            "__main__ (your script or notebook) or inside a function, nor the "
+            "globals of a saved lambda. Move it into a module (a .py file next "
+            "to your script; a lambda becomes a def there) and import it from "
+            "there, or export under KERAS_BACKEND=tensorflow."
+        )
+    return {name: [obj.__module__, obj.__qualname__] for name, obj in objects.items()}
 
 
 # --------------------------------------------------------------------------
@@ -619,22 +706,27 @@ def _quantize_onnx_file(src, dst, quantize, calibration):
     )
 
 
-def _run_child(model, jobs, calibration, int8_io, workdir):
-    """Converts `jobs` in a `KERAS_BACKEND=tensorflow` child process."""
+def _child_objects(model, jobs):
+    """Checks that the child process can run `jobs`; returns `_custom_objects`."""
+    formats = sorted({job["fmt"] for job in jobs})
     if importlib.util.find_spec("tensorflow") is None:
         raise ImportError(
-            f"Exporting {sorted({job['fmt'] for job in jobs})} from the "
-            f"{keras.backend.backend()} backend converts in a TensorFlow child "
-            "process, and tensorflow is not installed. Install it with: "
-            'pip install "keras-gramkd[tensorflow,export]"'
+            f"Exporting {formats} from the {keras.backend.backend()} backend "
+            "converts in a TensorFlow child process, and tensorflow is not "
+            'installed. Install it with: pip install "keras-gramkd[tensorflow,export]"'
         )
+    return _custom_objects(model, formats)
+
+
+def _run_child(model, jobs, calibration, int8_io, workdir, objects):
+    """Converts `jobs` in a `KERAS_BACKEND=tensorflow` child process."""
     model_path = Path(workdir) / "student.keras"
     model.save(model_path)
     spec = {
         "model": str(model_path),
         "jobs": jobs,
         "int8_io": int8_io,
-        "modules": _custom_modules(model),
+        "objects": objects,
         "calibration": None,
     }
     if calibration is not None:
@@ -664,9 +756,17 @@ def _run_child(model, jobs, calibration, int8_io, workdir):
 def _child_main(spec_path):
     """Entry point of the child process: converts the jobs of `spec_path`."""
     spec = json.loads(Path(spec_path).read_text())
-    for module in spec["modules"]:
-        importlib.import_module(module)
-    model = keras.saving.load_model(spec["model"], compile=False)
+    custom_objects = {}
+    for name, (module, qualname) in spec["objects"].items():
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        custom_objects[name] = obj
+    # The parent wrote this file from the model it holds in memory, so its
+    # Lambda layers are the caller's own code, not an untrusted file's.
+    model = keras.saving.load_model(
+        spec["model"], custom_objects=custom_objects, compile=False, safe_mode=False
+    )
     calibration = None
     if spec["calibration"]:
         with np.load(spec["calibration"]) as npz:
@@ -797,12 +897,36 @@ def _median_seconds(fn, runs):
     return float(np.median(times))
 
 
-def _criterion(quantize):
+def _one_unit(ref):
+    return ref.ndim < 2 or ref.shape[-1] == 1
+
+
+def _agreement(got, ref):
+    """Share of samples with the Keras argmax, or for one unit the Keras sign.
+
+    An argmax over one unit always agrees, so a one-unit output is compared by
+    the side of the threshold: 0.5 if every Keras value is in [0, 1]
+    (a probability), else 0 (a logit or a regression value).
+    """
+    if not _one_unit(ref):
+        return float(np.mean(np.argmax(got, -1) == np.argmax(ref, -1)))
+    threshold = 0.5 if ref.min() >= 0.0 and ref.max() <= 1.0 else 0.0
+    return float(np.mean((got > threshold) == (ref > threshold)))
+
+
+def _rms_ratio(got, ref):
+    """RMS |got - ref| over the std of ref (floored at 1e-6)."""
+    rms = float(np.sqrt(np.mean(np.square(got.astype(np.float64) - ref))))
+    return rms / max(float(np.std(ref)), 1e-6)
+
+
+def _criterion(quantize, expected):
     if quantize is None:
         return f"max|diff| <= {FLOAT32_ATOL:.0e}"
     if quantize == "float16":
         return f"max|diff| <= {FLOAT16_ATOL:.0e}"
-    return f"top-1 >= {MIN_TOP1_AGREEMENT:.0%}"
+    agree = "sign" if any(_one_unit(e) for e in expected) else "top-1"
+    return f"{agree} >= {MIN_TOP1_AGREEMENT:.0%}, rms/std <= {MAX_RMS_RATIO:g}"
 
 
 def verify_artifact(
@@ -820,7 +944,10 @@ def verify_artifact(
         model: The source `keras.Model` (or a path to its `.keras` file).
         sample_data: Inputs: a dict of arrays keyed by input name.
         quantize: How the file was quantised (`None`, `"float16"`, `"dynamic"`,
-            `"int8"`); picks the tolerance.
+            `"int8"`); picks the tolerance: float32 max|diff| <= 1e-4, float16
+            <= 1e-2; dynamic and int8 need both top-1 agreement (sign
+            agreement for one-unit outputs) >= 98% and RMS diff <= 0.1 of the
+            Keras output's std.
         latency_runs: Timed runs; the median is reported.
         path: Text for the report's "path" column.
 
@@ -885,11 +1012,9 @@ def verify_artifact(
         for f, e in zip(first, expected, strict=True)
     )
     diff = max(diff, diff_first)
-    logits, ref = got[0].reshape(expected[0].shape), expected[0]
-    if ref.ndim >= 2:
-        agreement = float(np.mean(np.argmax(logits, -1) == np.argmax(ref, -1)))
-    else:
-        agreement = float(np.mean((logits > 0.5) == (ref > 0.5)))
+    got = [g.reshape(e.shape) for g, e in zip(got, expected, strict=True)]
+    rms_ratio = max(_rms_ratio(g, e) for g, e in zip(got, expected, strict=True))
+    agreement = min(_agreement(g, e) for g, e in zip(got, expected, strict=True))
     seconds = _median_seconds(run_all, latency_runs)
 
     if quantize is None:
@@ -897,8 +1022,8 @@ def verify_artifact(
     elif quantize == "float16":
         passed = diff <= FLOAT16_ATOL
     else:
-        passed = agreement >= MIN_TOP1_AGREEMENT
-    passed = passed and math.isfinite(diff)
+        passed = agreement >= MIN_TOP1_AGREEMENT and rms_ratio <= MAX_RMS_RATIO
+    passed = passed and math.isfinite(diff) and math.isfinite(rms_ratio)
     runtime = "ai_edge_litert" if fmt == "tflite" else "onnxruntime"
     return ExportRow(
         format=fmt,
@@ -907,12 +1032,13 @@ def verify_artifact(
         bytes=artifact.stat().st_size,
         path=path,
         max_abs_diff=diff,
+        rms_ratio=rms_ratio,
         top1_agreement=agreement,
         latency_ms=1e3 * seconds / n,
         keras_latency_ms=1e3 * keras_seconds / n,
         batch_sizes=batch_sizes,
         inputs=runner.input_dtypes(),
-        criterion=_criterion(quantize),
+        criterion=_criterion(quantize, expected),
         passed=passed,
         note=f"{runtime}, {n} samples",
     )
@@ -993,7 +1119,8 @@ def export_student(
         latency_runs: Timed runs per file; the median is reported.
         check: Raise `ExportVerificationError` if a file misses its tolerance
             (float32: max|diff| <= 1e-4; float16: <= 1e-2; dynamic and int8:
-            top-1 agreement >= 98%).
+            top-1 agreement, or sign agreement for a one-unit output, >= 98%
+            and RMS diff <= 0.1 of the Keras output's std).
         name: File name stem; defaults to the model's name.
 
     Returns:
@@ -1015,6 +1142,9 @@ def export_student(
     ```
     """
     fmts, quants = _normalise_options(formats, quantize)
+    model, _ = _float32_model(load_student(student))
+    if "tflite" in fmts:
+        _check_tflite_names(model)
     if "int8" in quants and representative_data is None:
         raise ValueError(
             "quantize='int8' needs representative_data: a few hundred real input "
@@ -1024,7 +1154,6 @@ def export_student(
         _require("ai_edge_litert", "TFLite verification")
     if "onnx" in fmts:
         _require("onnxruntime", "ONNX export and verification")
-    model, _ = _float32_model(load_student(student))
     calibration = None
     if representative_data is not None:
         calibration = _as_input_dict(
@@ -1035,6 +1164,13 @@ def export_student(
     elif calibration is not None:
         samples = calibration
     else:
+        dynamic = {k: s for k, (s, _) in _input_specs(model).items() if None in s}
+        if dynamic:
+            raise ValueError(
+                f"Input(s) {dynamic} have a dynamic dimension (None), so no "
+                "random sample data can be made to verify the files. Pass "
+                "sample_data: real inputs, a dict of arrays keyed by input name."
+            )
         rng = np.random.default_rng(0)
         samples = {
             k: rng.standard_normal((64, *shape)).astype("float32")
@@ -1063,11 +1199,12 @@ def export_student(
                 (fmt, q, export_dir / f"{stem}_{q or 'float32'}{_SUFFIX[fmt]}", path)
             )
 
+    objects = _child_objects(model, child_jobs) if child_jobs else None
     for job in in_process:
         _convert(model, **job, calibration=calibration, int8_io=int8_io)
     if child_jobs:
         with tempfile.TemporaryDirectory() as workdir:
-            _run_child(model, child_jobs, calibration, int8_io, workdir)
+            _run_child(model, child_jobs, calibration, int8_io, workdir, objects)
     onnx_float = export_dir / f"{stem}_float32.onnx"
     for fmt, q, out, _ in plan:
         if fmt == "onnx" and q is not None:

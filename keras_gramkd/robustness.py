@@ -32,6 +32,8 @@ import math
 import keras
 import numpy as np
 
+from keras_gramkd.distiller import MODALITY_MASK_KEY, Distiller
+
 
 @dataclasses.dataclass(frozen=True)
 class RobustnessReport:
@@ -135,6 +137,7 @@ def evaluate_robustness(
             f"model must be a keras.Model (or a Distiller); got {type(model).__name__}."
         )
     x, n = _check_inputs(x)
+    _check_keys(model, x)
     labels, one_hot_classes = _check_labels(y, n)
     spec = _check_modalities(modalities, x)
     if (
@@ -196,6 +199,36 @@ def _check_inputs(x):
     if n == 0:
         raise ValueError("x has no samples; give at least one sample per input.")
     return x, n
+
+
+def _input_names(model):
+    """Input names of a functional model (a Distiller's student); else None."""
+    if isinstance(model, Distiller):
+        model = model.student
+    try:
+        inputs = model.input
+    except (AttributeError, ValueError):  # a subclassed model: not known
+        return None
+    if isinstance(inputs, dict):
+        return list(inputs)
+    return [tensor.name for tensor in keras.tree.flatten(inputs)]
+
+
+def _check_keys(model, x):
+    """Raises a `ValueError` for keys of x that are not inputs of the model."""
+    names = _input_names(model)
+    if MODALITY_MASK_KEY in x and MODALITY_MASK_KEY not in (names or ()):
+        raise ValueError(
+            f"x has a {MODALITY_MASK_KEY!r} key. evaluate_robustness drops "
+            "modalities itself (it replaces their inputs with fill_value), and "
+            "the model does not take a mask: remove it from x."
+        )
+    extra = [key for key in x if names is not None and key not in names]
+    if extra:
+        raise ValueError(
+            f"x has key(s) {extra} that the model does not take; its inputs are "
+            f"{names}. Remove them from x (dropping them would change nothing)."
+        )
 
 
 def _check_labels(y, n):

@@ -106,6 +106,7 @@ def test_runtimes_installed():
         assert importlib.util.find_spec(module.split(".")[0]), module
 
 
+@pytest.mark.slow
 def test_every_file_is_written_and_passes(report):
     assert report.ok
     assert report.backend == BACKEND
@@ -119,6 +120,7 @@ def test_every_file_is_written_and_passes(report):
 
 
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+@pytest.mark.slow
 def test_tolerances(report, fmt):
     assert _row(report, fmt, None).max_abs_diff <= 1e-4
     assert _row(report, fmt, None).top1_agreement == 1.0
@@ -127,6 +129,7 @@ def test_tolerances(report, fmt):
     assert _row(report, fmt, "int8").top1_agreement >= 0.98
 
 
+@pytest.mark.slow
 def test_quantised_files_are_smaller(report):
     tflite = _row(report, "tflite", None).bytes
     assert _row(report, "tflite", "int8").bytes <= 0.30 * tflite
@@ -136,6 +139,7 @@ def test_quantised_files_are_smaller(report):
     assert _row(report, "onnx", "int8").bytes <= 0.40 * onnx
 
 
+@pytest.mark.slow
 def test_export_path_per_backend(report):
     paths = {row.format: row.path for row in report.rows}
     if BACKEND == "tensorflow":
@@ -147,6 +151,7 @@ def test_export_path_per_backend(report):
         assert paths["onnx"] == expected
 
 
+@pytest.mark.slow
 def test_inputs_are_named_and_fed_by_name(report, student, digits):
     import onnxruntime
     from ai_edge_litert.interpreter import Interpreter
@@ -169,6 +174,7 @@ def test_inputs_are_named_and_fed_by_name(report, student, digits):
     np.testing.assert_allclose(out, expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_plain_students_have_no_flex_ops(report):
     for row in report.rows:
         if row.format == "tflite":
@@ -185,6 +191,7 @@ class Determinant(keras.layers.Layer):
         return keras.ops.det(keras.ops.reshape(x, (-1, 2, 2)))[:, None]
 
 
+@pytest.mark.slow
 def test_flex_ops_fail_with_the_op_name(tmp_path):
     inputs = keras.Input((4,), name="a")
     model = keras.Model(inputs, keras.layers.Dense(2)(Determinant()(inputs)))
@@ -193,6 +200,7 @@ def test_flex_ops_fail_with_the_op_name(tmp_path):
     assert "standalone LiteRT" in str(info.value)
 
 
+@pytest.mark.slow
 def test_int8_inputs_and_outputs(student, digits, tmp_path):
     x_train, _, x_test, _ = digits
     report = gx.export_student(
@@ -210,6 +218,7 @@ def test_int8_inputs_and_outputs(student, digits, tmp_path):
     assert row.top1_agreement >= 0.98
 
 
+@pytest.mark.slow
 def test_mixed_precision_student_exports_float32(digits, tmp_path):
     x_train = {k: v[:64] for k, v in digits[0].items()}
     model = _student({k: v.shape[1] for k, v in x_train.items()}, 16, "mixed_float16")
@@ -221,6 +230,68 @@ def test_mixed_precision_student_exports_float32(digits, tmp_path):
     assert row.passed and row.max_abs_diff <= 1e-4
 
 
+def _one_unit_student(dims, seed):
+    keras.utils.set_random_seed(seed)
+    inputs = {name: keras.Input((dim,), name=name) for name, dim in dims.items()}
+    embeds = [keras.layers.Dense(8, activation="relu")(inputs[n]) for n in dims]
+    logit = keras.layers.Dense(1)(keras.layers.Concatenate()(embeds))
+    return keras.Model(inputs, logit, name="binary")
+
+
+@pytest.fixture(scope="module")
+def one_unit(digits, tmp_path_factory):
+    """A one-unit (binary: digit >= 5) student, exported dynamic and int8."""
+    x_train, y_train, x_test, _ = digits
+    model = _one_unit_student({k: v.shape[1] for k, v in x_train.items()}, seed=0)
+    model.compile("adam", keras.losses.BinaryCrossentropy(from_logits=True))
+    model.fit(x_train, (y_train >= 5).astype("float32"), epochs=3, verbose=0)
+    report = gx.export_student(
+        model,
+        tmp_path_factory.mktemp("one_unit"),
+        quantize=["dynamic", "int8"],
+        representative_data={k: v[:200] for k, v in x_train.items()},
+        sample_data=x_test,
+        latency_runs=1,
+    )
+    return model, report
+
+
+@pytest.mark.slow
+def test_one_unit_export_is_judged_on_sign_and_values(one_unit):
+    _, report = one_unit
+    assert report.ok and len(report.rows) == 4
+    assert {(r.format, r.quantize) for r in report.rows} == {
+        (f, q) for f in ("tflite", "onnx") for q in ("dynamic", "int8")
+    }
+    for row in report.rows:
+        assert row.criterion == "sign >= 98%, rms/std <= 0.1"
+        assert row.top1_agreement >= 0.98 and row.rms_ratio <= 0.1
+
+
+@pytest.mark.parametrize("other", ["unrelated", "scaled"])
+@pytest.mark.slow
+def test_one_unit_file_fails_against_another_model(one_unit, digits, other):
+    """An argmax over one unit always agrees; sign and RMS diff must not."""
+    model, report = one_unit
+    x_test = digits[2]
+    if other == "unrelated":
+        against = _one_unit_student({k: v.shape[1] for k, v in x_test.items()}, 1)
+    else:  # Same signs, values 1.5 times larger: only the value tolerance sees it.
+        against = keras.Model(model.input, keras.layers.Rescaling(1.5)(model.output))
+    for row in report.rows:
+        checked = gx.verify_artifact(
+            row.file, against, x_test, row.quantize, latency_runs=1
+        )
+        assert not checked.passed, (row.file, checked)
+        assert checked.rms_ratio > 0.3
+        if other == "scaled":  # Sign agreement alone would pass it.
+            assert checked.top1_agreement >= 0.98
+        error = gx.ExportVerificationError(gx.ExportReport([checked], BACKEND, 1, "."))
+        assert "sign >= 98%, rms/std <= 0.1 failed" in str(error)
+        assert "exported from this model" in str(error)
+
+
+@pytest.mark.slow
 def test_report_renderings(report):
     text = str(report)
     assert "max|diff|" in text and "student_int8.tflite" in text
@@ -232,6 +303,7 @@ def test_report_renderings(report):
     assert data["rows"][0]["inputs"]
 
 
+@pytest.mark.slow
 def test_cli_exports_a_keras_file(student, digits, tmp_path, capsys):
     student.save(tmp_path / "student.keras")
     np.savez(tmp_path / "data.npz", label=digits[3], **digits[2])
@@ -297,6 +369,118 @@ def test_path_that_is_not_a_keras_model(tmp_path):
         gx.export_student(tmp_path / "missing.keras", tmp_path)
 
 
+def _tiny(layer, name="a"):
+    inputs = keras.Input((4,), name=name)
+    return keras.Model({name: inputs}, keras.layers.Dense(2)(layer(inputs)))
+
+
+X4 = {"a": np.random.default_rng(0).normal(size=(16, 4)).astype("float32")}
+
+
+def test_dynamic_length_input_needs_sample_data(tmp_path):
+    inputs = keras.Input((None, 4), name="seq")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Dense(5)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(pooled))
+    with pytest.raises(
+        ValueError, match=r"\{'seq': \(None, 4\)\} have a dynamic.*Pass sample_data"
+    ):
+        gx.export_student(model, tmp_path, formats="onnx")
+
+
+@keras.saving.register_keras_serializable(package="gramkd_test")
+class Halve(keras.layers.Layer):
+    """A custom layer in an importable module: the child process imports it."""
+
+    def call(self, x):
+        return 0.5 * x
+
+
+class Thrice(keras.layers.Layer):
+    """Not registered: the child gets it as a custom object by module and name."""
+
+    def call(self, x):
+        return 3.0 * x
+
+
+def triple(x):
+    return 3.0 * x
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+@pytest.mark.parametrize(
+    "layer",
+    ["module layer", "unregistered layer", "pure lambda", "module function"],
+)
+@pytest.mark.slow
+def test_custom_code_the_child_can_import_exports(tmp_path, fmt, layer):
+    layer = {
+        "module layer": Halve(),
+        "unregistered layer": Thrice(),
+        "pure lambda": keras.layers.Lambda(lambda x: 2.0 * x + 1.0),
+        "module function": keras.layers.Lambda(triple),
+    }[layer]
+    report = gx.export_student(
+        _tiny(layer), tmp_path, formats=fmt, sample_data=X4, latency_runs=1
+    )
+    (row,) = report.rows
+    assert row.passed and row.max_abs_diff <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+@pytest.mark.parametrize("what", ["__main__ layer", "local function", "lambda"])
+def test_custom_code_the_child_cannot_import_is_named(tmp_path, fmt, what):
+    def local(x):
+        return 2.0 * x
+
+    if what == "__main__ layer":  # as if defined in the user's script
+        cls = type(
+            "ScriptLayer",
+            (keras.layers.Layer,),
+            {"call": Halve.call, "__module__": "__main__"},
+        )
+        layer, named = cls(), r"ScriptLayer \(in __main__\)"
+    elif what == "local function":
+        layer = keras.layers.Lambda(local)
+        named = r"test_custom_code_the_child_cannot_import_is_named.<locals>.local"
+    else:
+        layer = keras.layers.Lambda(lambda x: keras.ops.tanh(x), name="squash")
+        named = r"the Lambda layer 'squash', whose lambda reads \['keras'\]"
+    model = _tiny(layer)
+    if gx._in_process_supported(fmt):  # Nothing to import: it works.
+        report = gx.export_student(
+            model, tmp_path, formats=fmt, sample_data=X4, latency_runs=1
+        )
+        assert report.ok
+        return
+    with pytest.raises(ValueError, match=named) as info:
+        gx.export_student(model, tmp_path, formats=fmt, sample_data=X4)
+    assert "Move it into a module" in str(info.value)
+    assert "KERAS_BACKEND=tensorflow" in str(info.value)
+
+
+def test_lambda_in_a_keras_file_says_how_to_load_it(tmp_path):
+    _tiny(keras.layers.Lambda(lambda x: 2.0 * x)).save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match=r"safe_mode=False.*pass the model") as info:
+        gx.export_student(tmp_path / "lambda.keras", tmp_path)
+    assert "keras.saving.load_model(path, safe_mode=False)" in str(info.value)
+
+
+@pytest.mark.slow
+def test_tflite_input_names_with_spaces_are_named_with_a_fix(tmp_path):
+    model = _tiny(keras.layers.Identity(), name="left eye")
+    with pytest.raises(
+        ValueError, match=r"TFLite cannot name inputs \['left eye'\]"
+    ) as info:
+        gx.export_student(model, tmp_path, formats="tflite")
+    assert "'left eye' -> 'left_eye'" in str(info.value)
+    # ONNX takes the name as it is.
+    data = {"left eye": X4["a"]}
+    report = gx.export_student(
+        model, tmp_path, formats="onnx", sample_data=data, latency_runs=1
+    )
+    assert report.ok and report.rows[0].inputs == {"left eye": "float32"}
+
+
 def test_missing_data_key(student, digits, tmp_path):
     partial = {k: v for k, v in digits[2].items() if k != "kar"}
     with pytest.raises(ValueError, match=r"lacks the model input\(s\) \['kar'\]"):
@@ -312,6 +496,7 @@ def test_missing_optional_dependency(student, tmp_path, monkeypatch, module, fmt
         gx.export_student(student, tmp_path, formats=fmt)
 
 
+@pytest.mark.slow
 def test_import_is_lazy():
     code = (
         "import sys, keras_gramkd.export\n"

@@ -203,6 +203,17 @@ X1, Y1 = weighted_data(n=6, keys=("a",))
             "fill_value must be a finite number",
         ),
         ({"model": _two_outputs()}, ValueError, r"one \(n, classes\) array"),
+        (
+            {"x": {**X1, "z": X1["a"]}},
+            ValueError,
+            r"x has key\(s\) \['z'\] that the model does not take; its inputs "
+            r"are \['a'\]\. Remove them",
+        ),
+        (
+            {"x": {**X1, "modality_mask": np.ones((6, 1), "float32")}},
+            ValueError,
+            "x has a 'modality_mask' key.*remove it from x",
+        ),
     ],
 )
 def test_errors_name_the_problem_and_the_fix(kwargs, error, match):
@@ -222,3 +233,22 @@ def test_report_lookup_errors():
         report.without("a", "b", "c")
     with pytest.raises(ValueError, match="name none, one, or two different"):
         report.without("a", "a")
+
+
+def test_distiller_x_is_checked_against_the_student_inputs():
+    ab = ("a", "b")
+    teacher, student = make_net("t", 8, ab), make_net("s", 3, ab)
+    distiller = Distiller(
+        teacher,
+        student,
+        teacher_modalities=modality_map("t", ab),
+        student_modalities=modality_map("s", ab),
+    )
+    x, y = make_data()
+    with pytest.raises(ValueError, match=r"\['c'\] that the model does not take"):
+        evaluate_robustness(distiller, x, y)
+    mask = np.ones((len(y), 2), "float32")
+    with pytest.raises(ValueError, match="has a 'modality_mask' key"):
+        evaluate_robustness(
+            distiller, {"a": x["a"], "b": x["b"], "modality_mask": mask}, y
+        )

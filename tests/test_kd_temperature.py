@@ -1,0 +1,117 @@
+"""logit_kd against a 60-digit reference for temperatures from 1e-3 to 1e6.
+
+The reference is the plain formula T²·Σ p·(log p − log q) in Python's `decimal`
+(60 significant digits), so its own cancellation at large T costs nothing; the
+T → ∞ limit is checked against its closed form in float64.
+"""
+
+import decimal
+
+import keras
+import numpy as np
+import pytest
+from test_gram_properties import value_and_grad
+from test_ops import to_np
+
+from keras_gramkd import ops as kd_ops
+
+TEMPERATURES = [1e-3, 1e-2, 0.1, 1.0, 2.0, 4.0, 8.0, 30.0, 1e2, 1e3, 1e4, 1e5, 1e6]
+SCALES = [0.1, 3.0, 100.0, 1e4]
+
+
+def decimal_logit_kd(t, s, temperature, digits=60):
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)) per row, computed with `digits` digits."""
+    with decimal.localcontext() as ctx:
+        ctx.prec, ctx.Emax, ctx.Emin = digits, decimal.MAX_EMAX, decimal.MIN_EMIN
+        temp = decimal.Decimal(float(temperature))
+
+        def log_softmax(row):
+            x = [decimal.Decimal(float(v)) / temp for v in row]
+            top = max(x)
+            log_z = sum((v - top).exp() for v in x).ln()
+            return [v - top - log_z for v in x]
+
+        out = []
+        for t_row, s_row in zip(t, s, strict=True):
+            log_p, log_q = log_softmax(t_row), log_softmax(s_row)
+            kl = sum(lp.exp() * (lp - lq) for lp, lq in zip(log_p, log_q, strict=True))
+            out.append(float(temp * temp * kl))
+    return np.array(out)
+
+
+def logits(scale, seed, shape=(12, 10)):
+    rng = np.random.default_rng(seed)
+    t = (scale * rng.normal(size=shape)).astype("float32")
+    s = (scale * rng.normal(size=shape)).astype("float32")
+    return t, s
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_matches_the_high_precision_reference(temperature, scale):
+    t, s = logits(scale, seed=int(np.log10(temperature) + 10) * 7 + SCALES.index(scale))
+    got = to_np(kd_ops.logit_kd(t, s, temperature)).astype(np.float64)
+    expected = decimal_logit_kd(t, s, temperature)
+    assert np.all(got >= 0)
+    # 1e-30: reference values below float32's range are 0 in float32.
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-30)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 8.0])
+def test_ordinary_temperatures_keep_their_values(temperature):
+    """At T = 1–8 the value is the plain float32 log-softmax formula's, to rounding."""
+    t, s = logits(4.0, seed=1, shape=(32, 10))
+    log_p = keras.ops.log_softmax(t / temperature, axis=-1)
+    log_q = keras.ops.log_softmax(s / temperature, axis=-1)
+    plain = temperature**2 * keras.ops.sum(
+        keras.ops.exp(log_p) * (log_p - log_q), axis=-1
+    )
+    got = to_np(kd_ops.logit_kd(t, s, temperature))
+    np.testing.assert_allclose(got, to_np(plain), rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1e6, 1e8])
+def test_infinite_temperature_limit(temperature):
+    """T²·KL → (1/(2C))·Σᵢ(δᵢ − mean δ)², δ = t − s, as T → ∞."""
+    t, s = logits(3.0, seed=2)
+    delta = t.astype(np.float64) - s
+    limit = np.sum((delta - delta.mean(-1, keepdims=True)) ** 2, -1) / (2 * t.shape[1])
+    got = to_np(kd_ops.logit_kd(t, s, temperature))
+    np.testing.assert_allclose(got, limit, rtol=1e-3)
+
+
+def test_never_negative_and_zero_for_equal_distributions():
+    t, s = logits(5.0, seed=3)
+    for temperature in TEMPERATURES:
+        # Same logits, logits shifted by a constant: the distributions are equal.
+        assert np.all(to_np(kd_ops.logit_kd(t, t, temperature)) == 0.0)
+        np.testing.assert_allclose(
+            to_np(kd_ops.logit_kd(t + 7.0, t, temperature)), 0.0, atol=1e-6
+        )
+        # One ulp apart: rounding must not make the value negative.
+        nudged = np.nextafter(t, np.float32(np.inf))
+        assert np.all(to_np(kd_ops.logit_kd(t, nudged, temperature)) >= 0.0)
+        if temperature >= 1.0:  # Below, agreeing argmaxes underflow to 0.
+            assert np.all(to_np(kd_ops.logit_kd(t, s, temperature)) > 0.0)
+
+
+@pytest.mark.parametrize("scale", [3.0, 1e4])
+@pytest.mark.parametrize("temperature", [1e-3, 1.0, 4.0, 1e3, 1e6])
+def test_gradient_is_finite_and_matches_t_times_q_minus_p(temperature, scale):
+    """d(T²·KL)/ds = T·(softmax(s/T) − softmax(t/T)), checked in float64."""
+    t, s = logits(scale, seed=4, shape=(6, 10))
+
+    def loss(student):
+        return keras.ops.sum(kd_ops.logit_kd(t, student, temperature))
+
+    _, grad = value_and_grad(loss, s)
+    assert np.all(np.isfinite(grad))
+
+    def softmax(x):
+        x = x.astype(np.float64) / temperature
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    expected = temperature * (softmax(s) - softmax(t))
+    atol = 1e-4 * np.max(np.abs(expected))
+    np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=atol)
