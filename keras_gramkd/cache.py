@@ -505,7 +505,9 @@ class TeacherCache:
         return self.checksums.nbytes + sum(v.nbytes for v in self.targets.values())
 
     def __repr__(self):
-        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.targets.items())
+        shapes = ", ".join(
+            f"{k} {tuple(v.shape)}" for k, v in sorted(self.targets.items())
+        )
         return f"TeacherCache({len(self)} samples, {self.dtype}: {shapes})"
 
     # --- attaching ---------------------------------------------------------

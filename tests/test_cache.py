@@ -193,8 +193,8 @@ def test_save_and_load_round_trip(tmp_path):
         repr(loaded)
         == repr(cache)
         == (
-            "TeacherCache(40 samples, float16: teacher/kd/logits (40, 3), "
-            "teacher/gram/gram (40, 3, 3))"
+            "TeacherCache(40 samples, float16: teacher/gram/gram (40, 3, 3), "
+            "teacher/kd/logits (40, 3))"
         )
     )
     assert len(loaded) == 40 and loaded.nbytes == cache.nbytes
