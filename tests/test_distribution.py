@@ -10,9 +10,10 @@ step in 2 processes.
 
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -22,6 +23,7 @@ SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 CHILD = os.path.join(SCRIPTS, "distribution_child.py")
 TOLERANCE = 1e-5
 TIMEOUT = 300
+DDP_WAIT = 180  # s for both DDP children, imports included; gloo gives up at 60
 BACKEND = keras.backend.backend()
 
 
@@ -99,10 +101,49 @@ def test_torch_has_no_keras_distribution_api():
         keras.distribution.list_devices()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ddp_env():
+    # gloo over loopback only: with no interface named, gloo picks the one
+    # the hostname resolves to, which on some hosts is not reachable.
+    return dict(_env(), GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
+
+
+def _run_ddp_children(tmp_path, world=2):
+    """Start `world` DDP children; wait for all, or kill all and say why."""
+    out, rendezvous = tmp_path / "ddp.json", tmp_path / "rendezvous"
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(world)]
+    procs = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as f:  # a file, not a pipe: no child blocks on it
+            args = ["--ddp", str(rank), str(world), str(rendezvous), str(out)]
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, CHILD, *args],
+                    env=_ddp_env(),
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < DDP_WAIT:
+            codes = [p.poll() for p in procs]
+            if None not in codes or any(c not in (None, 0) for c in codes):
+                break  # all done, or one failed: the others would only wait
+            time.sleep(0.1)
+    finally:
+        hung = [p for p in procs if p.poll() is None]
+        for p in hung:
+            p.send_signal(signal.SIGUSR1)  # the child dumps its threads' stacks
+        time.sleep(2 if hung else 0)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    elapsed, codes = time.monotonic() - start, [p.returncode for p in procs]
+    report = [f"DDP children: exit codes {codes} after {elapsed:.0f} s"]
+    report += [f"--- rank {r} ---\n{log.read_text()}" for r, log in enumerate(logs)]
+    assert codes == [0] * world, "\n".join(report)
+    return json.loads(out.read_text())
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch DistributedDataParallel")
@@ -113,25 +154,7 @@ def test_torch_ddp_step_matches_single_device(tmp_path):
         import distribution_child as child
     finally:
         sys.path.remove(SCRIPTS)
-    out, port = tmp_path / "ddp.json", _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, CHILD, "--ddp", str(rank), "2", str(port), str(out)],
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    result = json.loads(out.read_text())
+    result = _run_ddp_children(tmp_path)
 
     distiller = child.build()
     x, y = child.data()

@@ -1,7 +1,7 @@
 """Child process for tests/test_distribution.py: one batch, 1 vs 2 devices.
 
     python distribution_child.py OUT.json
-    python distribution_child.py --ddp RANK WORLD PORT OUT.json   (torch)
+    python distribution_child.py --ddp RANK WORLD RENDEZVOUS OUT.json   (torch)
 
 On the backend of KERAS_BACKEND: `jax` (run with
 XLA_FLAGS=--xla_force_host_platform_device_count=2) trains under
@@ -14,12 +14,33 @@ weights after that step, and writes them to OUT.json.
 `torch` has no Keras distribution API; with --ddp the child is one process
 of a PyTorch DistributedDataParallel group (gloo, CPU) that takes one plain
 torch training step on its share of the batch; rank 0 writes the loss
-averaged over the group and the student's weights after the step.
+averaged over the group and the student's weights after the step. The group
+meets through RENDEZVOUS, a file that does not exist yet (a `file://`
+rendezvous: no port to pick, so none to race for), talks over the loopback
+interface (GLOO_SOCKET_IFNAME=lo), and gives up after DDP_TIMEOUT seconds
+instead of gloo's default 30 minutes. SIGUSR1 dumps every thread's Python
+stack to stderr (the test sends it to a child that overruns, before killing it).
+
+Teardown order matters. DDP's C++ Reducer holds the process group, and the
+Reducer's Python binding frees it with the GIL held. Left to be freed when
+ddp_step returns, after destroy_process_group(), the Reducer is the group's
+last owner, so ~ProcessGroupGloo joins gloo's worker threads with the GIL
+held, while a worker may still need the GIL to free a finished all-reduce
+(its work holds a Python object backward() put in thread-local state): an
+occasional deadlock, likelier under load. So `model` goes first and
+destroy_process_group() frees the group, with the GIL released. The child
+then ends with os._exit(0): nothing is left to check, and gloo's threads
+are a hazard in interpreter finalisation too.
 """
 
+import faulthandler
 import json
 import os
+import signal
 import sys
+
+if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 BACKEND = os.environ.get("KERAS_BACKEND")
 if BACKEND == "tensorflow":
@@ -37,6 +58,7 @@ from keras_gramkd import Distiller  # noqa: E402
 
 WIDTHS = {"a": 4, "b": 6, "c": 5}
 BATCH = 32
+DDP_TIMEOUT = 60  # seconds, for the rendezvous and every collective
 
 
 def net(prefix, width, regularizer=None):
@@ -113,13 +135,22 @@ def distributed_build():
     raise SystemExit(f"no data-parallel API for KERAS_BACKEND={BACKEND}")
 
 
-def ddp_step(rank, world, port, out):
+def ddp_step(rank, world, rendezvous, out):
     """One DistributedDataParallel step on this rank's slice of the batch."""
+    import datetime
+
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{os.path.abspath(rendezvous)}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=DDP_TIMEOUT),
+    )
     distiller = build()
     x, y = data()
     share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
@@ -145,6 +176,7 @@ def ddp_step(rank, world, port, out):
         }
         with open(out, "w") as f:
             json.dump(result, f)
+    del model  # the Reducer first, so it is not the group's last owner
     dist.destroy_process_group()
 
 
@@ -161,6 +193,10 @@ def main(out):
 
 if __name__ == "__main__":
     if sys.argv[1] == "--ddp":
-        ddp_step(*map(int, sys.argv[2:5]), sys.argv[5])
+        rank, world, rendezvous, out = sys.argv[2:6]
+        ddp_step(int(rank), int(world), rendezvous, out)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # skip finalisation (see the docstring)
     else:
         main(sys.argv[1])
