@@ -79,21 +79,6 @@ class Feature:
     def __repr__(self):
         return f"Feature({_label(self.address)}, pool={self.pool!r})"
 
-    def __eq__(self, other):
-        return (
-            isinstance(other, Feature)
-            and self.pool == other.pool
-            and (
-                self.address is other.address
-                if isinstance(self.address, keras.layers.Layer)
-                else self.address == other.address
-            )
-        )
-
-    def __hash__(self):
-        key = self.address if isinstance(self.address, str) else id(self.address)
-        return hash((key, self.pool))
-
     def get_config(self):
         """A JSON-able config; a layer object is stored by its name."""
         address = self.address
