@@ -511,3 +511,14 @@ def test_import_is_lazy():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_top1_agreement_counts_ties_at_the_files_resolution():
+    # Row 0: the file ties the Keras class with another (int8 step) -> agrees, and
+    # is counted as a tie; row 1: the file prefers another class -> disagrees;
+    # row 2: exact agreement.
+    keras_out = np.array([[1.00, 1.03, 0.0], [2.0, 0.0, 1.9], [0.0, 0.0, 5.0]])
+    file_out = np.array([[1.0, 1.0, 0.0], [1.9, 0.0, 2.0], [0.0, 0.0, 5.0]])
+    agreement, ties = gx._agreement(file_out, keras_out)
+    assert agreement == pytest.approx(2 / 3) and ties == 1
+    assert gx._agreement(keras_out, keras_out) == (1.0, 0)
