@@ -10,6 +10,7 @@ is imported. Beyond keras and numpy, nothing else is ever imported by the core.
 """
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -41,11 +42,44 @@ _SUBMODULES = (
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
 
+# Keras backend -> the package it needs (each is an extra of keras-gramkd).
+BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+
+
+def missing_backend_message(backend):
+    """The fix for a Keras backend whose package is not installed, or None.
+
+    >>> missing_backend_message("numpy") is None
+    True
+    """
+    package = BACKEND_PACKAGES.get(backend)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return None
+    return (
+        f"The Keras backend {backend!r} needs the {package} package, which is not "
+        f'installed. Install it with: pip install "keras-gramkd[{backend}]" (or '
+        "pick an installed backend with KERAS_BACKEND)."
+    )
+
+
+def _import(module):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        backend = next(
+            (b for b, p in BACKEND_PACKAGES.items() if error.name == p), None
+        )
+        message = backend and missing_backend_message(backend)
+        if message:
+            raise ModuleNotFoundError(message, name=error.name) from error
+        raise
+
+
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        return getattr(_import(_EXPORTS[name]), name)
     if name in _SUBMODULES:
-        return importlib.import_module(f"keras_gramkd.{name}")
+        return _import(f"keras_gramkd.{name}")
     raise AttributeError(f"module 'keras_gramkd' has no attribute {name!r}")
 
 

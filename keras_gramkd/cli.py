@@ -9,8 +9,11 @@ so it selects the Keras backend (it overrides KERAS_BACKEND):
 
 import argparse
 import importlib
+import json
 import os
 import sys
+
+from keras_gramkd import missing_backend_message
 
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -35,6 +38,18 @@ COMMANDS = {
         "run_export",
     ),
 }
+
+
+def _configured_backend():
+    """The backend keras will load: KERAS_BACKEND, else keras.json, else TF."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
 
 
 def _backend_parser():
@@ -72,6 +87,12 @@ def main(argv=None):
     known, _ = _backend_parser().parse_known_args(argv)
     if known.backend:
         os.environ["KERAS_BACKEND"] = known.backend
+    # TensorFlow's C++ start-up lines (oneDNN, CUDA probing) are not ours to show.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    message = missing_backend_message(_configured_backend())
+    if message:
+        print(f"gramkd: error: {message}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     module, _, _, run = COMMANDS[args.command]
     return getattr(importlib.import_module(module), run)(args)

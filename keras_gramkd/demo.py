@@ -69,6 +69,7 @@ import keras
 import numpy as np
 
 from keras_gramkd import ops as kd_ops
+from keras_gramkd.console import make_console, new_table
 from keras_gramkd.datasets import MFEAT_VIEWS, load_mfeat
 from keras_gramkd.distiller import Distiller
 from keras_gramkd.layers import ModalityDropout, ModalityStack
@@ -125,35 +126,17 @@ _CONTROL_LOSS = {
 # Layers and models
 
 
-@keras.saving.register_keras_serializable(package="keras_gramkd_demo")
-class _TrainingNoise(keras.layers.Layer):
+def _training_noise(x, stddev, name):
     """Adds fresh N(0, stddev²) noise at training time; identity at inference.
 
-    Like `keras.layers.GaussianNoise`, which only accepts stddev <= 1.
+    Built from Keras layers only (`GaussianNoise` accepts stddev <= 1, so the
+    input is scaled down, noised with stddev 1 and scaled back), so a saved
+    student loads with nothing but keras imported.
     """
-
-    def __init__(self, stddev, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        self.stddev = float(stddev)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def get_config(self):
-        return {**super().get_config(), "stddev": self.stddev, "seed": self.seed}
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def call(self, inputs, training=False):
-        if not training or self.stddev == 0.0:
-            return inputs
-        noise = keras.random.normal(
-            keras.ops.shape(inputs),
-            stddev=self.stddev,
-            dtype=inputs.dtype,
-            seed=self.seed_generator,
-        )
-        return inputs + noise
+    L = keras.layers
+    x = L.Rescaling(1.0 / stddev, name=f"{name}_scale_down")(x)
+    x = L.GaussianNoise(1.0, name=name)(x)
+    return L.Rescaling(stddev, name=f"{name}_scale_up")(x)
 
 
 def _inputs(input_dims):
@@ -202,7 +185,7 @@ def build_student(input_dims, noise_std=0.0, modality_dropout=0.0, n_classes=10)
     xs = [inputs[v] for v in views]
     if noise_std:
         xs = [
-            _TrainingNoise(noise_std, name=f"s_{v}_noise")(x)
+            _training_noise(x, noise_std, name=f"s_{v}_noise")
             for v, x in zip(views, xs, strict=True)
         ]
     if modality_dropout:
@@ -664,7 +647,6 @@ def run_study(
     Returns:
         The dict written to ``results.json``.
     """
-    from rich.console import Console
 
     cfg = _resolve_config(
         views=views,
@@ -691,7 +673,7 @@ def run_study(
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = os.path.join("runs", f"demo-{stamp}")
     os.makedirs(out, exist_ok=True)
-    console = console or Console(quiet=not verbose)
+    console = console or make_console(quiet=not verbose)
     wall_start = time.perf_counter()
 
     data = load_study_data(views, setting, train_per_class)
@@ -1096,16 +1078,14 @@ def _markdown(results):
 
 
 def _print_tables(console, results, out):
-    from rich.table import Table
-
-    table = Table(title=_title(results), title_justify="left")
+    table = new_table(console, title=_title(results), title_justify="left")
     for h in HEADERS:
         table.add_column(h, justify="left" if h == "model" else "right")
     for row in _rows(results):
         table.add_row(*row)
     console.print(table)
     m_headers, m_rows = _missing_rows(results)
-    missing = Table(title="accuracy % with one view zeroed at test time")
+    missing = new_table(console, title="accuracy % with one view zeroed at test time")
     for h in m_headers:
         missing.add_column(h, justify="left" if h == "model" else "right")
     for row in m_rows:

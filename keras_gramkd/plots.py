@@ -144,7 +144,7 @@ def plot_gram_matrices(
     dmax = max(float(max(d.max() for d in diffs)), 1e-12)
 
     cell = 0.55 * size + 1.6
-    fig = _new_figure((3 * cell + 1.0, len(rows) * cell))
+    fig = _new_figure((3 * cell, len(rows) * cell + 1.0))
     axes = fig.subplots(len(rows), 3, squeeze=False)
     for r, ((prefix, t, s), diff) in enumerate(zip(rows, diffs, strict=True)):
         ax_t, ax_s, ax_d = axes[r]
@@ -153,8 +153,12 @@ def plot_gram_matrices(
         diff_image = _heatmap(
             ax_d, diff, names, 0.0, dmax, "magma", fmt, prefix + "|teacher - student|"
         )
-    fig.colorbar(image, ax=axes[:, :2].ravel().tolist(), shrink=0.8, label="Gram")
-    fig.colorbar(diff_image, ax=axes[:, 2].tolist(), shrink=0.8, label="|diff|")
+    # One colour bar under each column, as wide as its panels: no gap opens
+    # between the panels (teacher and student share one scale).
+    for c, (mappable, label) in enumerate(
+        [(image, "Gram"), (image, "Gram"), (diff_image, "|teacher - student|")]
+    ):
+        fig.colorbar(mappable, ax=axes[:, c].tolist(), location="bottom", label=label)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

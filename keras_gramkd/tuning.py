@@ -44,6 +44,7 @@ import sys
 import keras
 import numpy as np
 
+from keras_gramkd.console import make_console, new_table
 from keras_gramkd.distiller import Distiller
 
 TUNE_EXTRA_HINT = (
@@ -633,22 +634,22 @@ def _config_cells(config):
     ]
 
 
-def _trials_table(trials, hypermodel, objective):
-    from rich.table import Table
-
-    table = Table(title=f"Trials, best first (objective: {objective})")
+def _trials_table(console, trials, hypermodel, objective, epochs):
+    table = new_table(console, title=f"Trials, best first (objective: {objective})")
     for header in ("rank", "trial", "kd", "gram", "T", "lr", "epochs", objective):
         table.add_column(header, justify="right")
     for rank, trial in enumerate(trials, 1):
         values = trial.hyperparameters.values
         config = hypermodel.distiller_config(trial.hyperparameters)
-        epochs = values.get("tuner/epochs", "")
+        # Hyperband gives each trial its own budget; other tuners train all
+        # trials for `epochs`.
+        trained = values.get("tuner/epochs", epochs)
         best_step = "" if trial.best_step is None else f" (ep {trial.best_step + 1})"
         table.add_row(
             str(rank),
             trial.trial_id,
             *_config_cells(config),
-            str(epochs),
+            str(trained),
             f"{trial.score:.4f}{best_step}",
         )
     return table
@@ -656,12 +657,9 @@ def _trials_table(trials, hypermodel, objective):
 
 def run_tune(args):
     """Runs `gramkd tune` from parsed arguments; returns the exit code."""
-    from rich.console import Console
-    from rich.table import Table
-
     from keras_gramkd import demo
 
-    console = Console()
+    console = make_console()
     try:
         kt = _import_keras_tuner()
     except ImportError as error:
@@ -733,7 +731,7 @@ def run_tune(args):
         console.print("No trial completed.")
         return 1
     objective = _objective_name(hypermodel.objective)
-    console.print(_trials_table(trials, hypermodel, objective))
+    console.print(_trials_table(console, trials, hypermodel, objective, args.epochs))
 
     # Demo defaults, trained the same way, for reference.
     defaults = {
@@ -759,7 +757,7 @@ def run_tune(args):
         best_with_and_without_gram(tuner, hypermodel),
         strict=True,
     )
-    table = Table(title="Best configurations vs the demo defaults")
+    table = new_table(console, title="Best configurations vs the demo defaults")
     for header in ("", "trial", "kd", "gram", "T", "lr", objective, "test accuracy"):
         table.add_column(header, justify="right")
     summary = {"directory": directory, "tuner": args.tuner, "setting": args.setting}

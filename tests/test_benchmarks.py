@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the benchmarks' quick runs
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 VARIANTS = ("a", "b", "c", "d", "e", "kd_only", "stack_only", "gram_raw")
 COUNTS = (

@@ -4,12 +4,16 @@ import argparse
 import json
 import math
 import struct
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 
 from keras_gramkd import demo
+
+pytestmark = pytest.mark.slow  # a whole study run
 
 TRAIN_PER_CLASS = 20
 VIEWS = ["fou", "mor"]  # two small views keep the run short
@@ -136,6 +140,31 @@ def test_saved_student_reloads_with_its_stored_accuracy(study):
     assert demo.accuracy(student, x, y) == pytest.approx(best["accuracy"], abs=1e-9)
     method = results["methods"][best["method"]]
     assert best["accuracy"] == method["accuracy"][method["seeds"].index(best["seed"])]
+
+
+def test_noisy_student_loads_with_only_keras_imported(tmp_path):
+    # The file a user ships: no keras_gramkd class may be needed to load it, and
+    # the training noise is the identity at inference.
+    student = demo.build_student({"fou": 76, "mor": 6}, noise_std=demo.NOISE_STD)
+    x = {"fou": np.ones((2, 76), "float32"), "mor": np.ones((2, 6), "float32")}
+    expected = keras.ops.convert_to_numpy(student(x))
+    student.save(tmp_path / "student.keras")
+    np.savez(tmp_path / "x.npz", **x)
+    code = (
+        "import sys, keras, numpy as np\n"
+        "m = keras.saving.load_model(sys.argv[1])\n"
+        "assert not any(k.startswith('keras_gramkd') for k in sys.modules)\n"
+        "x = dict(np.load(sys.argv[2]))\n"
+        "np.save(sys.argv[3], keras.ops.convert_to_numpy(m(x)))\n"
+    )
+    args = [str(tmp_path / f) for f in ("student.keras", "x.npz", "y.npy")]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_allclose(np.load(args[2]), expected, rtol=1e-6, atol=1e-6)
+    noisy = keras.ops.convert_to_numpy(student(x, training=True))
+    assert np.abs(noisy - expected).max() > 1e-3
 
 
 def test_noisy_test_split_is_fixed_and_teacher_split_is_clean():

@@ -19,6 +19,8 @@ import keras
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-device and multi-process training
+
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 CHILD = os.path.join(SCRIPTS, "distribution_child.py")
 TOLERANCE = 1e-5

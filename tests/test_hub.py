@@ -11,6 +11,8 @@ from test_ops import np_gram, to_np
 
 from keras_gramkd import Distiller, Feature
 
+pytestmark = pytest.mark.slow  # a keras-hub backbone
+
 keras_hub = pytest.importorskip(
     "keras_hub", reason="keras-hub is not installed (pip install 'keras-gramkd[hub]')"
 )

@@ -13,6 +13,8 @@ from conftest import make_data, make_net, modality_map, sparse_ce
 from keras_gramkd import Distiller, LogitKD, ModalityGram
 from keras_gramkd.datasets import load_mfeat
 
+pytestmark = pytest.mark.slow  # trains teachers and students on the digits
+
 POLICIES = ("mixed_float16", "mixed_bfloat16")
 COMPUTE = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 

@@ -80,6 +80,44 @@ def test_cli_backend_flag_selects_the_backend():
     assert run_python(code, backend="jax").split() == ["torch", "torch"]
 
 
+def test_missing_backend_package_names_the_extra_to_install():
+    # As if jax were not installed: the CLI and the lazy names both say which
+    # extra to install, instead of Keras' raw "No module named 'jax'".
+    code = (
+        "import importlib, importlib.util, os, sys\n"
+        "find = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a: None if n == 'jax' else find(n, *a)\n"
+        "import keras_gramkd.cli as c\n"
+        "print(c.main(['demo', '--backend', 'jax']), 'keras' in sys.modules)\n"
+        "real = importlib.import_module\n"
+        "def fake(name, *a):\n"
+        "    if name == 'keras_gramkd.distiller':\n"
+        "        raise ModuleNotFoundError(\"No module named 'jax'\", name='jax')\n"
+        "    return real(name, *a)\n"
+        "importlib.import_module = fake\n"
+        "import keras_gramkd\n"
+        "try:\n"
+        "    keras_gramkd.Distiller\n"
+        "except ModuleNotFoundError as e:\n"
+        "    print(e)\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    extra = 'pip install "keras-gramkd[jax]"'
+    # 2, and the CLI stopped before anything imported keras.
+    assert done.stdout.splitlines()[0] == "2 False", done.stderr[-2000:]
+    assert "gramkd: error: The Keras backend 'jax' needs the jax package" in done.stderr
+    assert extra in done.stderr
+    assert extra in done.stdout.splitlines()[1]
+
+
+@pytest.mark.slow
 def test_quickstart_example_trains_teacher_and_student():
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--epochs", "3"],
@@ -95,6 +133,7 @@ def test_quickstart_example_trains_teacher_and_student():
     assert 0.1 < student <= 1.0
 
 
+@pytest.mark.slow
 def test_readme_quickstart_runs_as_pasted(tmp_path):
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Quickstart") :]

@@ -212,3 +212,20 @@ def test_missing_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     with pytest.raises(ImportError, match=r'pip install "keras-gramkd\[plots\]"'):
         plot_training_curves({"loss": [1.0]})
+
+
+def test_gram_plot_has_a_colour_bar_under_each_column():
+    # The bars sit under their own panels, so no empty gap opens between the
+    # student and the difference columns.
+    teacher, student = _grams(1)
+    fig = plot_gram_matrices(teacher, student, NAMES, class_grams={3: _grams(2)})
+    fig.canvas.draw()
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    panels = [ax for ax in fig.axes if ax.get_title()][:3]
+    assert [bar.get_xlabel() for bar in bars] == ["Gram", "Gram", "|teacher - student|"]
+    for bar, panel in zip(bars, panels, strict=True):
+        b, p = bar.get_position(), panel.get_position()
+        assert b.y1 < p.y0  # below the panels
+        assert abs((b.x0 + b.x1) / 2 - (p.x0 + p.x1) / 2) < 0.1 * p.width
+    gap = panels[2].get_position().x0 - panels[1].get_position().x1
+    assert gap < 0.5 * panels[1].get_position().width

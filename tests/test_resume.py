@@ -24,9 +24,10 @@ from keras_gramkd.saving import AtomicBackupAndRestore, stray_temporary_files
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 TIMEOUT = 240
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(signal, "SIGKILL"), reason="needs POSIX signals"
-)
+pytestmark = [
+    pytest.mark.slow,  # real child processes killed and resumed
+    pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals"),
+]
 
 
 def _child_env():

@@ -333,6 +333,8 @@ def test_missing_keras_tuner_names_the_extra():
 import argparse, sys
 sys.modules["keras_tuner"] = None  # as if not installed
 from keras_gramkd import tuning
+
+pytestmark = pytest.mark.slow  # KerasTuner searches
 parser = argparse.ArgumentParser()
 tuning.add_tune_arguments(parser)
 assert tuning.run_tune(parser.parse_args([])) == 1
