@@ -36,6 +36,7 @@ _SUBMODULES = (
     "losses",
     "ops",
     "plots",
+    "study",
     "terms",
 )
 

@@ -75,6 +75,7 @@ from keras_gramkd.distiller import Distiller
 from keras_gramkd.layers import ModalityDropout, ModalityStack
 from keras_gramkd.losses import ModalityGram
 from keras_gramkd.robustness import evaluate_robustness
+from keras_gramkd.study import SeededBatches
 
 SETTINGS = ("clean", "noisy", "few-labels")
 DEFAULT_SETTING = "noisy"
@@ -212,37 +213,6 @@ def _feature_model(model, prefix, views):
 # Data
 
 
-class _EpochBatches(keras.utils.PyDataset):
-    """Batches in a seeded order; an epoch is a fixed number of batches.
-
-    The order comes only from `seed`, so every method trained with the same
-    seed sees the same batches in the same order. A small training set is
-    cycled through (fresh permutation each pass) to fill the epoch.
-    """
-
-    def __init__(self, x, y, batch_size, num_batches, seed):
-        super().__init__()
-        self.x, self.y = x, y
-        self.batch_size, self._num_batches = batch_size, num_batches
-        self.rng = np.random.default_rng(seed)
-        self._next_order()
-
-    def _next_order(self):
-        n, need = len(self.y), self.batch_size * self._num_batches
-        parts = [self.rng.permutation(n) for _ in range(math.ceil(need / n))]
-        self.order = np.concatenate(parts)[:need]
-
-    def __len__(self):
-        return self._num_batches
-
-    def __getitem__(self, i):
-        idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
-        return {k: v[idx] for k, v in self.x.items()}, self.y[idx]
-
-    def on_epoch_end(self):
-        self._next_order()
-
-
 def _check_views(views):
     if views is None:
         return tuple(MFEAT_VIEWS)
@@ -369,7 +339,7 @@ class _RichEpochs(keras.callbacks.Callback):
 
 def _fit(model, data, val, epochs, seed, num_batches, progress, name):
     task = progress.add_task(name, total=epochs, metrics="")
-    batches = _EpochBatches(*data, BATCH_SIZE, num_batches, seed)
+    batches = SeededBatches(*data, BATCH_SIZE, num_batches, seed)
     start = time.perf_counter()
     history = model.fit(
         batches,

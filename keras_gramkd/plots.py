@@ -164,6 +164,47 @@ def plot_gram_matrices(
     return _save(fig, path)
 
 
+def plot_paired_differences(diffs, reference, path=None):
+    """Per-method paired differences to a reference, in points.
+
+    One row per method: each seed's difference as a dot, the mean as a bar
+    with a ±1 standard-error whisker (none for a single seed), and a line at 0.
+
+    Args:
+        diffs: dict method -> list of per-seed differences (fractions, e.g.
+            accuracy differences; drawn ×100 as points).
+        reference: the reference method's name, for the axis label.
+        path: optional PNG path.
+
+    Returns:
+        The `matplotlib.figure.Figure`.
+
+    Example:
+
+    >>> fig = plot_paired_differences({"gram": [0.01, -0.002, 0.004]}, "kd")
+    >>> fig.axes[0].get_xlabel()
+    'accuracy − kd (points), mean ± se'
+    """
+    if not diffs:
+        raise ValueError(
+            "diffs is empty: give at least one method besides the reference."
+        )
+    names = list(diffs)
+    fig = _new_figure((6.0, 0.6 * len(names) + 1.4))
+    ax = fig.subplots()
+    for row, name in enumerate(names):
+        values = 100 * np.asarray(diffs[name], dtype=np.float64)
+        mean = float(values.mean())
+        se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0
+        ax.barh(row, mean, xerr=se or None, color="tab:blue", alpha=0.4, capsize=4)
+        ax.plot(values, np.full(len(values), row), "o", color="tab:blue", ms=4)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(names)), labels=names)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"accuracy − {reference} (points), mean ± se")
+    return _save(fig, path)
+
+
 def _as_history_dict(name, history):
     """Accepts a Keras `History` or its `.history` dict; returns a checked dict."""
     history = getattr(history, "history", history)

@@ -1,5 +1,6 @@
 """Packaging: light import, doctests' home, the CLI, the quickstart example."""
 
+import json
 import os
 import re
 import subprocess
@@ -133,13 +134,17 @@ def test_quickstart_example_trains_teacher_and_student():
     assert 0.1 < student <= 1.0
 
 
+def _readme_block(heading):
+    """The first python block after `heading` in the README."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(heading) :]
+    start = section.index("```python") + len("```python")
+    return section[start : section.index("```\n", start)]
+
+
 @pytest.mark.slow
 def test_readme_quickstart_runs_as_pasted(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Quickstart") :]
-    code = section[
-        section.index("```python") + len("```python") : section.index("```\n\n")
-    ]
+    code = _readme_block("## Quickstart")
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -154,3 +159,28 @@ def test_readme_quickstart_runs_as_pasted(tmp_path):
     assert teacher > 0.85 and 0.1 < student <= 1.0  # 10 classes: chance is 0.1
     reloaded = keras.saving.load_model(tmp_path / "student.keras")
     assert reloaded.name == "student" and reloaded.output.shape[-1] == 10
+
+
+@pytest.mark.slow
+def test_readme_study_runs_as_pasted_after_the_quickstart(tmp_path):
+    code = _readme_block("## Quickstart") + _readme_block("## Does it help your model")
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=tmp_path,
+        env=dict(os.environ, KERAS_BACKEND=keras.backend.backend()),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| teacher",
+        "| labels",
+        "| kd",
+        "| kd+gram",
+    ]
+    stored = json.loads((tmp_path / "study.json").read_text())
+    assert stored["config"]["seeds"] == [0, 1, 2]
+    assert set(stored["paired_vs_reference"]) == {"labels", "kd+gram"}
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,205 @@
+"""`compare_methods`: train each method on each seed, paired, and measure it."""
+
+import time
+
+import keras
+import numpy as np
+
+from keras_gramkd.distiller import Distiller
+from keras_gramkd.robustness import evaluate_robustness
+from keras_gramkd.study.batches import SeededBatches
+from keras_gramkd.study.grams import modality_grams
+from keras_gramkd.study.result import MethodResult, StudyResult
+from keras_gramkd.terms import DistillationTerm
+
+
+def _check_methods(methods, reference):
+    if not isinstance(methods, dict) or not methods:
+        raise ValueError(
+            "methods must be a non-empty dict name -> list of DistillationTerms "
+            '(e.g. {"kd": [KDTerm()], "kd+gram": [KDTerm(), GramTerm(...)]}); '
+            f"got {methods!r}."
+        )
+    for name, terms in methods.items():
+        if not isinstance(terms, (list, tuple)) or not all(
+            isinstance(t, DistillationTerm) for t in terms
+        ):
+            raise ValueError(
+                f"methods[{name!r}] must be a list of DistillationTerms ([] for "
+                f"labels only); got {terms!r}."
+            )
+    if reference is None:
+        return next(iter(methods))
+    if reference not in methods:
+        raise ValueError(
+            f"reference {reference!r} is not one of the methods {list(methods)}."
+        )
+    return reference
+
+
+def _fresh_terms(terms):
+    """New term objects from each term's config: no weights shared between runs."""
+    return [type(term).from_config(term.get_config()) for term in terms]
+
+
+def _seeds(seeds):
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1; got {seeds}.")
+        return list(range(seeds))
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and non-empty; got {seeds}.")
+    return seeds
+
+
+def _check_split(name, split):
+    if not (isinstance(split, (tuple, list)) and len(split) == 2):
+        raise ValueError(f"{name} must be a pair (x, y); got {type(split).__name__}.")
+    x, y = split
+    if not isinstance(x, dict):
+        raise ValueError(f"{name}'s x must be a dict input name -> array.")
+    return x, np.asarray(y)
+
+
+def compare_methods(
+    teacher,
+    build_student,
+    train,
+    test,
+    methods,
+    seeds=3,
+    reference=None,
+    epochs=10,
+    batch_size=64,
+    optimizer=None,
+    loss=None,
+    modalities=None,
+    teacher_modalities=None,
+    student_modalities=None,
+    gram_normalize="l2",
+    distiller_kwargs=None,
+    callbacks=None,
+):
+    """Trains every method on every seed, paired, and returns a `StudyResult`.
+
+    For each seed, the student `build_student()` returns is built once under
+    `keras.utils.set_random_seed(seed)` and its initial weights are given to
+    every method's fresh student; all methods then train with the same
+    optimizer settings and the same batches in the same order
+    (`SeededBatches`), so the per-seed differences between methods are paired.
+
+    Args:
+        teacher: the trained teacher (`keras.Model`, logits).
+        build_student: callable `() -> keras.Model`: a fresh student, whose
+            layers have the same names on every call (feature addresses name
+            them).
+        train: `(x, y)`, x a dict of arrays, y integer labels.
+        test: `(x, y)` for the scores.
+        methods: dict name -> list of `DistillationTerm`s (`[]`: labels only).
+            The terms are copied from their config for each run.
+        seeds: a number of seeds (0..n-1) or a list of seeds.
+        reference: the method the others are paired against (default: the
+            first).
+        epochs, batch_size: training length; an epoch is one pass over `train`.
+        optimizer: callable `() -> keras.optimizers.Optimizer` (default Adam
+            1e-3).
+        loss: callable `() -> keras.losses.Loss` for the task (default sparse
+            categorical cross-entropy on logits).
+        modalities: which inputs of `test` form each modality, for the
+            accuracies with one modality dropped (as `evaluate_robustness`
+            takes it; default: each input key is a modality).
+        teacher_modalities, student_modalities: feature addresses (as the
+            `Distiller` takes them) for the |ΔG| column: the mean absolute
+            difference between the teacher's and the student's modality Gram
+            matrices on `test`. Without them |ΔG| is not measured.
+        gram_normalize: the Gram normalisation of the |ΔG| column.
+        distiller_kwargs: more `Distiller` arguments (e.g.
+            `student_mask_layer`, `on_bad_sample`).
+        callbacks: callable `(method, seed) -> list of keras callbacks`.
+
+    Returns:
+        A `StudyResult`.
+
+    Example (see the README for a full one):
+
+    ```python
+    result = compare_methods(
+        teacher, build_student, (x_train, y_train), (x_test, y_test),
+        methods={"kd": [KDTerm()], "kd+gram": [KDTerm(), GramTerm(t_mods, s_mods)]},
+        seeds=10, teacher_modalities=t_mods, student_modalities=s_mods,
+    )
+    print(result.to_markdown())
+    ```
+    """
+    if not isinstance(teacher, keras.Model):
+        raise TypeError(f"teacher must be a keras.Model; got {type(teacher).__name__}.")
+    if not callable(build_student):
+        raise TypeError("build_student must be a callable () -> keras.Model.")
+    reference = _check_methods(methods, reference)
+    seeds = _seeds(seeds)
+    (x, y), (x_test, y_test) = _check_split("train", train), _check_split("test", test)
+    if (teacher_modalities is None) != (student_modalities is None):
+        raise ValueError(
+            "Give both teacher_modalities and student_modalities for |ΔG|, or neither."
+        )
+    optimizer = optimizer or (lambda: keras.optimizers.Adam(1e-3))
+    loss = loss or (
+        lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+
+    teacher_report = evaluate_robustness(
+        teacher, x_test, y_test, modalities=modalities, pairs=False
+    )
+    teacher_grams = None
+    if teacher_modalities is not None:
+        teacher_grams = modality_grams(
+            teacher, teacher_modalities, x_test, gram_normalize
+        )
+    runs = {name: MethodResult(name) for name in methods}
+    for seed in seeds:
+        keras.utils.set_random_seed(seed)
+        initial = build_student().get_weights()
+        for name, terms in methods.items():
+            keras.utils.set_random_seed(seed)
+            student = build_student()
+            student.set_weights(initial)
+            distiller = Distiller(
+                teacher, student, terms=_fresh_terms(terms), **(distiller_kwargs or {})
+            )
+            distiller.compile(optimizer(), loss())
+            start = time.perf_counter()
+            distiller.fit(
+                SeededBatches(x, y, batch_size, seed=seed),
+                epochs=epochs,
+                shuffle=False,
+                verbose=0,
+                callbacks=callbacks(name, seed) if callbacks else None,
+            )
+            seconds = time.perf_counter() - start
+            report = evaluate_robustness(
+                student, x_test, y_test, modalities=modalities, pairs=False
+            )
+            gap = None
+            if teacher_grams is not None:
+                grams = modality_grams(
+                    student, student_modalities, x_test, gram_normalize
+                )
+                gap = float(np.mean(np.abs(teacher_grams - grams)))
+            runs[name].add(seed, report, gap, seconds, student.count_params())
+    return StudyResult(
+        methods=runs,
+        reference=reference,
+        teacher_accuracy=teacher_report.accuracy,
+        teacher_dropped=dict(teacher_report.dropped),
+        teacher_params=teacher.count_params(),
+        config={
+            "seeds": seeds,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "n_train": len(y),
+            "n_test": len(y_test),
+            "gram_normalize": gram_normalize,
+            "backend": keras.backend.backend(),
+        },
+    )
