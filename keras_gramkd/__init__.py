@@ -18,12 +18,17 @@ _EXPORTS = {
     "Distiller": "keras_gramkd.distiller",
     "DistillationTerm": "keras_gramkd.terms",
     "Feature": "keras_gramkd.features",
+    "FitNetTerm": "keras_gramkd.relational",
     "GramTerm": "keras_gramkd.terms",
     "KDTerm": "keras_gramkd.terms",
     "LogitKD": "keras_gramkd.losses",
     "ModalityGram": "keras_gramkd.losses",
     "ModalityDropout": "keras_gramkd.layers",
+    "ModalitySPTerm": "keras_gramkd.relational",
     "ModalityStack": "keras_gramkd.layers",
+    "PKTTerm": "keras_gramkd.relational",
+    "RKDTerm": "keras_gramkd.relational",
+    "SPTerm": "keras_gramkd.relational",
     "TeacherCache": "keras_gramkd.cache",
     "evaluate_robustness": "keras_gramkd.robustness",
 }
@@ -35,6 +40,7 @@ _SUBMODULES = (
     "losses",
     "ops",
     "plots",
+    "relational",
     "terms",
 )
 
