@@ -480,3 +480,19 @@ def test_bad_configurations_fail_clearly():
     SPTerm(weight=0.0)  # an unused term needs no features
     with pytest.raises(ValueError, match="last axis only"):
         FitNetTerm("t_a", "s_a").check_features((None, 2, 8), (None, 4))
+
+
+def test_saved_distiller_with_relational_terms_loads_in_a_fresh_process(tmp_path):
+    """Importing the Distiller registers the relational terms too."""
+    from test_package import run_python
+
+    teacher, student = make_net("t", 16), make_net("s", 4)
+    terms = [SPTerm("t_a", "s_a"), FitNetTerm("t_b", "s_b")]
+    path = str(tmp_path / "distiller.keras")
+    Distiller(teacher, student, terms=terms, task_weight=0.0).save(path)
+    code = (
+        "import keras, keras_gramkd.distiller\n"
+        f"model = keras.saving.load_model({path!r})\n"
+        "print([type(t).__name__ for t in model.terms])"
+    )
+    assert run_python(code).strip().splitlines()[-1] == "['SPTerm', 'FitNetTerm']"
