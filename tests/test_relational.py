@@ -496,3 +496,42 @@ def test_saved_distiller_with_relational_terms_loads_in_a_fresh_process(tmp_path
         "print([type(t).__name__ for t in model.terms])"
     )
     assert run_python(code).strip().splitlines()[-1] == "['SPTerm', 'FitNetTerm']"
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_terms_train_under_mixed_precision(policy):
+    """float16 features, float32 losses and regressor; finite, and the
+    logged values are the float64 references of the float16 features."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        x, _ = make_data(n=16)
+        teacher, student = make_net("t", 16), make_net("s", 4)
+        terms = [
+            SPTerm("t_a", "s_a"),
+            RKDTerm("t_b", "s_b"),
+            PKTTerm("t_c", "s_c"),
+            FitNetTerm("t_a", "s_a"),
+            ModalitySPTerm(modality_map("t"), modality_map("s")),
+        ]
+        distiller = Distiller(teacher, student, terms=terms, task_weight=0.0)
+        distiller.compile(optimizer="adam")
+        assert terms[3].regressor.kernel.dtype == "float32"
+        _, t_feats = net_outputs(teacher, "t", x)
+        _, s_feats = net_outputs(student, "s", x)
+        t, s = t_feats.astype("f4"), s_feats.astype("f4")
+        history = distiller.fit(x, batch_size=16, epochs=2, verbose=0).history
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert all(np.all(np.isfinite(v)) for v in history.values())
+    expected = {
+        "sp_loss": np_sp(t[:, 0], s[:, 0]),
+        "rkd_loss": np_rkd_distance(t[:, 1], s[:, 1])
+        + 2 * np_rkd_angle(t[:, 1], s[:, 1]),
+        "pkt_loss": np_pkt(t[:, 2], s[:, 2]),
+        "modality_sp_loss": np_modality_sp(
+            list(t.transpose(1, 0, 2)), list(s.transpose(1, 0, 2))
+        ),
+    }
+    for key, value in expected.items():
+        np.testing.assert_allclose(history[key][0], value, rtol=1e-3, err_msg=key)
