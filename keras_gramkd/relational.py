@@ -78,7 +78,7 @@ class _RelationTerm(DistillationTerm):
                 raise ValueError(
                     f"{type(self).__name__} {self.name!r} needs {role}: one "
                     "feature address (a layer name, a path 'encoder/embed', a "
-                    f"layer or a Feature), got {spec_repr(spec)}. For one "
+                    f"layer or a Feature), got {_spec_repr(spec)}. For one "
                     "relation per modality use ModalitySPTerm."
                 )
 
@@ -98,7 +98,7 @@ class _RelationTerm(DistillationTerm):
         return scale_for_replicas(value)
 
 
-def spec_repr(spec):
+def _spec_repr(spec):
     if isinstance(spec, dict):
         return f"a dict of modalities {list(spec)}"
     return repr(spec)

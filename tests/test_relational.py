@@ -533,5 +533,8 @@ def test_terms_train_under_mixed_precision(policy):
             list(t.transpose(1, 0, 2)), list(s.transpose(1, 0, 2))
         ),
     }
+    # The features in fit and in net_outputs may round differently (a
+    # compiled graph): bfloat16 keeps 8 bits, so its tolerance is wider.
+    rtol = 1e-3 if policy == "mixed_float16" else 1e-2
     for key, value in expected.items():
-        np.testing.assert_allclose(history[key][0], value, rtol=1e-3, err_msg=key)
+        np.testing.assert_allclose(history[key][0], value, rtol=rtol, err_msg=key)
