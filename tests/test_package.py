@@ -179,8 +179,9 @@ def test_readme_study_runs_as_pasted_after_the_quickstart(tmp_path):
         "| labels",
         "| kd",
         "| kd+gram",
+        "| kd+modality_sp",
     ]
     stored = json.loads((tmp_path / "study.json").read_text())
     assert stored["config"]["seeds"] == [0, 1, 2]
-    assert set(stored["paired_vs_reference"]) == {"labels", "kd+gram"}
+    assert set(stored["paired_vs_reference"]) == {"labels", "kd+gram", "kd+modality_sp"}
     assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,8 @@ from keras_gramkd.tuning import (  # noqa: E402
     resolve_search_space,
 )
 
+pytestmark = pytest.mark.slow  # KerasTuner searches
+
 MODALITIES = ("m0", "m1", "m2")
 WIDTHS = [4, 6, 5]
 N_CLASSES = 3
@@ -333,8 +335,6 @@ def test_missing_keras_tuner_names_the_extra():
 import argparse, sys
 sys.modules["keras_tuner"] = None  # as if not installed
 from keras_gramkd import tuning
-
-pytestmark = pytest.mark.slow  # KerasTuner searches
 parser = argparse.ArgumentParser()
 tuning.add_tune_arguments(parser)
 assert tuning.run_tune(parser.parse_args([])) == 1
