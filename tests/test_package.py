@@ -174,7 +174,7 @@ def test_readme_study_runs_as_pasted_after_the_quickstart(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0] for line in table[2:]] == [
+    assert [line.split(" | ")[0] for line in table[1:]] == [
         "| teacher",
         "| labels",
         "| kd",
