@@ -447,6 +447,7 @@ def test_av_mnist_missing_tfds_names_the_extra(monkeypatch):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_import_does_not_pull_frameworks_or_optional_deps():
     """`import keras_gramkd.datasets` / `.plots` add no TF, TFDS, JAX, torch or mpl."""
     code = (

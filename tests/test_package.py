@@ -27,6 +27,7 @@ def run_python(code, backend=None, timeout=300):
     ).stdout
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_import_is_light_and_core_adds_nothing_beyond_keras():
     """`import keras_gramkd` imports no keras; the core adds nothing keras does not."""
     code = (
@@ -49,6 +50,7 @@ def test_public_api():
         keras_gramkd.Distillr  # noqa: B018
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_cli_lists_commands_and_rejects_unknown_backend():
     out = subprocess.run(
         [sys.executable, "-m", "keras_gramkd", "--help"],
@@ -68,6 +70,7 @@ def test_cli_lists_commands_and_rejects_unknown_backend():
     assert "invalid choice: 'mxnet'" in bad.stderr
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_cli_backend_flag_selects_the_backend():
     code = (
         "import os, keras_gramkd.cli as c\n"

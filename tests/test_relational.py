@@ -482,6 +482,7 @@ def test_bad_configurations_fail_clearly():
         FitNetTerm("t_a", "s_a").check_features((None, 2, 8), (None, 4))
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_saved_distiller_with_relational_terms_loads_in_a_fresh_process(tmp_path):
     """Importing the Distiller registers the relational terms too."""
     from test_package import run_python
