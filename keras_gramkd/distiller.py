@@ -87,28 +87,77 @@ def _sample_axes(tensor):
 
 
 def _finite_samples(x):
-    """(batch,) bool: True where every float input of the sample is finite."""
+    """(batch,) bool: True where every float tensor of the sample is finite."""
     finite = None
     for tensor in filter(_is_float_tensor, keras.tree.flatten(x)):
-        ok = ops.isfinite(tensor)
-        axes = _sample_axes(tensor)
-        ok = ops.all(ok, axis=axes) if axes else ok
+        ok = _finite_rows(tensor)
         finite = ok if finite is None else ops.logical_and(finite, ok)
     return finite
 
 
-def _valid_labels(y, n_classes):
-    """(batch,) bool: integer labels in [0, n_classes), float labels finite."""
-    axes = _sample_axes(y)
-    if "int" in keras.backend.standardize_dtype(y.dtype):
-        ok = ops.logical_and(y >= 0, y < n_classes)
+def _finite_rows(tensor):
+    """(batch,) bool: True where every entry of the sample is finite."""
+    ok = ops.isfinite(tensor)
+    axes = _sample_axes(tensor)
+    return ops.all(ok, axis=axes) if axes else ok
+
+
+def _and(a, b):
+    if a is None:
+        return b
+    return a if b is None else ops.logical_and(a, b)
+
+
+def _class_range(loss):
+    """(True, ignore_class) when `loss` is sparse categorical cross-entropy,
+    the one compiled loss whose labels are class indices; else (False, None)."""
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return False, None
+    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+        return True, loss.get_config().get("ignore_class")
+    if loss is keras.losses.sparse_categorical_crossentropy:
+        return True, None
+    return False, None
+
+
+def _per_sample_fn(loss):
+    """The unreduced form of a single compiled loss, or None (dicts, lists)."""
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return None
+    if isinstance(loss, keras.losses.Loss):
+        return loss.call
+    return loss if callable(loss) else None
+
+
+def _valid_labels(y, n_classes, ignore_class=None):
+    """(batch,) bool: sparse class labels integral and in [0, n_classes) (or
+    the ignore class); any labels finite."""
+    dtype = keras.backend.standardize_dtype(y.dtype)
+    if dtype == "bool":
+        return None
+    if n_classes is None:  # not class labels: only finiteness matters
+        return _finite_rows(y) if "float" in dtype else None
+    if "float" in dtype:
+        ok = ops.logical_and(ops.isfinite(y), ops.equal(y, ops.floor(y)))
+        ok = ops.logical_and(ok, ops.logical_and(y >= 0, y < n_classes))
     else:
-        ok = ops.isfinite(y)
+        ok = ops.logical_and(y >= 0, y < n_classes)
+    if ignore_class is not None:
+        ok = ops.logical_or(ok, ops.equal(y, ignore_class))
+    axes = _sample_axes(y)
     return ops.all(ok, axis=axes) if axes else ok
 
 
 def _where_samples(ok, tensor):
     """`tensor` with the samples where `ok` is False replaced by zeros."""
+    if len(tensor.shape) == 0:
+        return tensor
     shape = (-1,) + (1,) * (len(tensor.shape) - 1)
     keep = ops.reshape(ok, shape)
     return ops.where(keep, tensor, ops.zeros_like(tensor))
@@ -160,9 +209,12 @@ class _DataGuard(keras.callbacks.Callback):
             raise ValueError(
                 f"{skipped:.0f} training sample(s) in epoch {self.epoch + 1} up to "
                 f"batch {batch + 1} have NaN or inf inputs, or a label outside "
-                "[0, classes). They were left out of the step, so the weights "
-                "hold no NaN. Clean the data (np.isfinite on each input, the "
-                "label range), or build the Distiller with "
+                "[0, classes), a NaN or inf sample or class weight, a "
+                "modality_mask value other than 0/1, or a NaN or inf output or "
+                "loss (an overflow inside a network). They were left out of the "
+                "step, so the weights hold no NaN. Clean the data (np.isfinite "
+                "on each input and weight, the label range, the input scale), "
+                "or build the Distiller with "
                 "on_bad_sample='skip' to leave such samples out and count them "
                 "in the skipped_samples metric."
             )
@@ -457,6 +509,7 @@ class Distiller(keras.Model):
         ]
         self.skipped_samples_tracker = keras.metrics.Sum(name="skipped_samples")
         self._forward_cache = _ForwardCache()
+        self._ok_cache = _ForwardCache()
         if teacher.built and student.built:
             self.built = True
 
@@ -541,8 +594,8 @@ class Distiller(keras.Model):
             raise ValueError(
                 f"The Distiller got no inputs (None). {EMPTY_DATA_MESSAGE}"
             )
-        if training:
-            ok = _finite_samples(inputs)
+        if training:  # only the inputs the student reads: other keys may hold NaN
+            ok = _finite_samples(self._student.select_inputs(inputs))
             if ok is not None:
                 inputs = _zero_bad_samples(inputs, ok)
         logits, features, mask = self._student.forward(inputs, training)
@@ -613,47 +666,114 @@ class Distiller(keras.Model):
             if extras is None:  # y_pred was not made by this model's call
                 _, *extras = self._student.forward(x, training)
             features, student_mask = extras
+        if y is not None and keras.backend.standardize_dtype(y.dtype) == "bool":
+            y = ops.cast(y, "float32")  # as Keras' losses take them
 
-        ok = _finite_samples(x)
-        if y is not None and self.task_weight > 0:
-            labels_ok = _valid_labels(y, y_pred.shape[-1])
-            ok = labels_ok if ok is None else ops.logical_and(ok, labels_ok)
-        if ok is not None:
-            self.skipped_samples_tracker.update_state(
-                ops.sum(1.0 - ops.cast(ok, "float32"))
-            )
-            x = _zero_bad_samples(x, ok)
-            y_pred = _where_samples(ok, y_pred)
-            keep = ops.cast(ok, "float32")
-            sample_weight = (
-                keep
-                if sample_weight is None
-                else ops.cast(sample_weight, "float32") * keep
-            )
-            features = keras.tree.map_structure(
-                lambda v: _where_samples(ok, v), features
-            )
+        # A sample is bad when anything it feeds a loss is not finite: an input
+        # a network reads, its label or weight, a network's output for it, or
+        # its task loss. It is left out with where() (never NaN·0) and weight 0.
+        cached = self._cached_targets(x) if self._active else None
+        ok = _finite_samples(self._student.select_inputs(x))
+        if self._active and cached is None:
+            ok = _and(ok, _finite_samples(self._teacher.select_inputs(x)))
+        ok = _and(ok, self._mask_values_ok(x))
+        task = self.task_weight > 0 and y is not None
+        if task:
+            is_sparse, ignore_class = _class_range(self.loss)
+            n_classes = y_pred.shape[-1] if is_sparse else None
+            ok = _and(ok, _valid_labels(y, n_classes, ignore_class))
+        if sample_weight is not None:
+            sample_weight = ops.cast(sample_weight, "float32")
+            ok = _and(ok, _finite_rows(sample_weight))
+        ok = _and(ok, _finite_rows(y_pred))
+        ok = _and(ok, _finite_samples(features))
+        if cached is None and self._active:
+            x_clean = _zero_bad_samples(x, ok)
+            teacher = self._teacher.forward(x_clean, training=False)
+            ok = _and(ok, _finite_samples(teacher[:2]))
+        else:
+            teacher = None
+            ok = _and(ok, _finite_samples(cached))
+        if task:
+            per_sample = _per_sample_fn(self.loss)
+            if per_sample is not None:
+                values = per_sample(_where_samples(ok, y), _where_samples(ok, y_pred))
+                ok = ops.logical_and(ok, _finite_rows(values))
 
+        self.skipped_samples_tracker.update_state(
+            ops.sum(1.0 - ops.cast(ok, "float32"))
+        )
+        self._ok_cache.put(y_pred, ok)
+        x = _zero_bad_samples(x, ok)
+        y_pred = _where_samples(ok, y_pred)
+        keep = ops.cast(ok, "float32")
+        sample_weight = (
+            keep if sample_weight is None else ops.where(ok, sample_weight, 0.0)
+        )
+        features = keras.tree.map_structure(lambda v: _where_samples(ok, v), features)
+        if teacher is not None:
+            teacher = keras.tree.map_structure(
+                lambda v: _where_samples(ok, v), teacher[:2]
+            )
+        if cached is not None:
+            cached = keras.tree.map_structure(lambda v: _where_samples(ok, v), cached)
+
+        # Every value is Keras' sum(w · loss) / batch; the trackers weigh each
+        # batch by its size, as Keras' own loss tracker does, so that
+        # evaluate's task_loss equals student.evaluate's loss.
         # Under tf.distribute every term is already divided by the replica
         # count (Keras' convention: summed replica gradients are the global
         # batch's); the metrics report the undivided values, as Keras' do.
+        batch = ops.cast(ops.shape(y_pred)[0], "float32")
         total = ops.zeros((), dtype="float32")
         if self.task_weight > 0:
             value = ops.cast(self._task_loss(y, y_pred, sample_weight, ok), "float32")
-            self.task_loss_tracker.update_state(unscale_loss_for_distribution(value))
+            self.task_loss_tracker.update_state(
+                unscale_loss_for_distribution(value), sample_weight=batch
+            )
             total = total + self.task_weight * value
         if self._active:
-            losses = self._term_losses(x, y_pred, features, student_mask, sample_weight)
+            losses = self._term_losses(
+                x, y_pred, features, student_mask, sample_weight, teacher, cached
+            )
             for term, tracker, value in zip(
                 self._active, self.term_trackers, losses, strict=True
             ):
                 value = ops.cast(value, "float32")
-                tracker.update_state(unscale_loss_for_distribution(value))
+                tracker.update_state(
+                    unscale_loss_for_distribution(value), sample_weight=batch
+                )
                 total = total + term.weight * value
         for extra in self.losses:  # the student's regularisation losses
             extra = self._aggregate_additional_loss(ops.cast(extra, "float32"))
             total = total + extra
         return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Keras' metrics, with the samples `compute_loss` skipped left out
+        (weight 0, and their labels and outputs zeroed so no NaN enters)."""
+        ok = self._ok_cache.take(y_pred)
+        if ok is not None:
+            y_pred = _where_samples(ok, y_pred)
+            if y is not None:
+                y = keras.tree.map_structure(lambda v: _where_samples(ok, v), y)
+            keep = ops.cast(ok, "float32")
+            sample_weight = (
+                keep
+                if sample_weight is None
+                else ops.where(ok, ops.cast(sample_weight, "float32"), 0.0)
+            )
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    def _mask_values_ok(self, x):
+        """(batch,) bool: the batch's modality_mask holds only 0 and 1."""
+        mask = x.get(MODALITY_MASK_KEY) if isinstance(x, dict) else None
+        if mask is None or not self.modality_names:
+            return None
+        if keras.backend.standardize_dtype(mask.dtype) == "bool":
+            return None
+        ok = ops.logical_or(ops.equal(mask, 0), ops.equal(mask, 1))
+        return ops.all(ok, axis=_sample_axes(mask))
 
     def _task_loss(self, y, y_pred, sample_weight, ok):
         if y is None:
@@ -667,29 +787,26 @@ class Distiller(keras.Model):
                 "example keras.losses.SparseCategoricalCrossentropy("
                 "from_logits=True); or build the Distiller with task_weight=0."
             )
-        if ok is not None:
-            y = _where_samples(ok, y)
-        return self._compile_loss(y, y_pred, sample_weight)
+        return self._compile_loss(_where_samples(ok, y), y_pred, sample_weight)
 
-    def _term_losses(self, x, y_pred, features, student_mask, sample_weight):
-        """Each active term's loss, from cached targets or a teacher forward."""
+    def _term_losses(
+        self, x, y_pred, features, student_mask, sample_weight, teacher, cached
+    ):
+        """Each active term's loss, from cached targets or the teacher's outputs."""
         mask = None
         if any(term.uses_mask for term in self._active):
             mask = self._batch_mask(x, student_mask)
-        cached = self._cached_targets(x)
         if cached is None:
-            teacher_logits, teacher_features, _ = self._teacher.forward(
-                x, training=False
-            )
+            teacher_logits, teacher_features = teacher
         teacher_pooled, student_pooled, losses = {}, {}, []
         for term in self._active:
             term_mask = self._term_mask(term, mask)
             if cached is None:
-                teacher = NetworkOutputs(
+                outputs = NetworkOutputs(
                     teacher_logits,
                     _view(term.teacher_spec(), teacher_features, teacher_pooled),
                 )
-                targets = term.teacher_targets(teacher, term_mask)
+                targets = term.teacher_targets(outputs, term_mask)
             else:
                 targets = cached[term.name]
             targets = {k: ops.stop_gradient(v) for k, v in targets.items()}
