@@ -32,6 +32,7 @@ stops with an error after that step; with `"skip"` it goes on.
 """
 
 import keras
+import numpy as np
 from keras import ops
 from keras.src.losses.loss import unscale_loss_for_distribution
 
@@ -178,6 +179,19 @@ def _zero_bad_samples(x, ok):
     )
 
 
+class _SkippedRows(keras.layers.Layer):
+    """Marks the skipped samples of `y_pred` with a Keras mask (False), which
+    every Keras metric honours, weighted or not: `metrics=["accuracy"]`
+    passes no sample weight, so a weight of 0 alone would not leave them out."""
+
+    def call(self, inputs):
+        y_pred, ok = inputs
+        return _where_samples(ok, y_pred)
+
+    def compute_mask(self, inputs, mask=None):
+        return inputs[1]
+
+
 class _DataGuard(keras.callbacks.Callback):
     """Stops `fit` after a step that skipped bad samples (unless told to skip),
     and when the training data yields no batch at all.
@@ -212,7 +226,8 @@ class _DataGuard(keras.callbacks.Callback):
                 "[0, classes), a NaN or inf sample or class weight, a "
                 "modality_mask value other than 0/1, or a NaN or inf output or "
                 "loss (an overflow inside a network). They were left out of the "
-                "step, so the weights hold no NaN. Clean the data (np.isfinite "
+                "step, so the weights hold no NaN (unless the student's own "
+                "layers overflowed; docs/bad_inputs.md). Clean the data (np.isfinite "
                 "on each input and weight, the label range, the input scale), "
                 "or build the Distiller with "
                 "on_bad_sample='skip' to leave such samples out and count them "
@@ -262,6 +277,24 @@ def _check_arrays(x, y):
                     f"Input {key!r} has no samples: the data set is empty. "
                     "Check how the arrays were loaded or filtered."
                 )
+
+
+def _check_mask_values(x):
+    """Raises when a numpy `modality_mask` holds values other than 0 and 1."""
+    mask = x.get(MODALITY_MASK_KEY) if isinstance(x, dict) else None
+    if mask is None or type(mask).__module__ != "numpy":
+        return
+    mask = np.asarray(mask)
+    bad = ~np.isin(mask, (0, 1))
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0][:2])
+        raise ValueError(
+            f"Batch key {MODALITY_MASK_KEY!r} holds {int(bad.sum())} value(s) "
+            f"other than 0 and 1 (the first: {mask[row, col]!r} in row {row}, "
+            f"column {col}). It marks each modality present (1) or missing (0); "
+            "it is not a weight. Threshold it, e.g. "
+            "(mask > 0.5).astype('float32')."
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_gramkd")
@@ -574,6 +607,7 @@ class Distiller(keras.Model):
     ):
         """`keras.Model.fit`, plus the data checks described in the class."""
         _check_arrays(x, y)
+        _check_mask_values(x)
         if _is_empty_source(x):
             raise ValueError(EMPTY_DATA_MESSAGE)
         try:
@@ -588,6 +622,11 @@ class Distiller(keras.Model):
             )
         except StopIteration:  # JAX's trainer peeks at a first batch
             raise ValueError(EMPTY_DATA_MESSAGE) from None
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.evaluate`, plus the `modality_mask` value check."""
+        _check_mask_values(x)
+        return super().evaluate(x, y, *args, **kwargs)
 
     def call(self, inputs, training=None):
         if inputs is None:  # torch's trainer builds on a missing first batch
@@ -754,7 +793,7 @@ class Distiller(keras.Model):
         (weight 0, and their labels and outputs zeroed so no NaN enters)."""
         ok = self._ok_cache.take(y_pred)
         if ok is not None:
-            y_pred = _where_samples(ok, y_pred)
+            y_pred = _SkippedRows()((y_pred, ok))
             if y is not None:
                 y = keras.tree.map_structure(lambda v: _where_samples(ok, v), y)
             keep = ops.cast(ok, "float32")
