@@ -793,7 +793,7 @@ class Distiller(keras.Model):
         (weight 0, and their labels and outputs zeroed so no NaN enters)."""
         ok = self._ok_cache.take(y_pred)
         if ok is not None:
-            y_pred = _SkippedRows()((y_pred, ok))
+            y_pred = _SkippedRows(name="skipped_rows")((y_pred, ok))
             if y is not None:
                 y = keras.tree.map_structure(lambda v: _where_samples(ok, v), y)
             keep = ops.cast(ok, "float32")
