@@ -736,7 +736,8 @@ class Distiller(keras.Model):
         if task:
             per_sample = _per_sample_fn(self.loss)
             if per_sample is not None:
-                values = per_sample(_where_samples(ok, y), _where_samples(ok, y_pred))
+                labels = ops.cast(_where_samples(ok, y), y_pred.dtype)  # as Loss does
+                values = per_sample(labels, _where_samples(ok, y_pred))
                 ok = ops.logical_and(ok, _finite_rows(values))
 
         self.skipped_samples_tracker.update_state(
@@ -747,7 +748,7 @@ class Distiller(keras.Model):
         y_pred = _where_samples(ok, y_pred)
         keep = ops.cast(ok, "float32")
         sample_weight = (
-            keep if sample_weight is None else ops.where(ok, sample_weight, 0.0)
+            keep if sample_weight is None else _where_samples(ok, sample_weight)
         )
         features = keras.tree.map_structure(lambda v: _where_samples(ok, v), features)
         if teacher is not None:
@@ -800,7 +801,7 @@ class Distiller(keras.Model):
             sample_weight = (
                 keep
                 if sample_weight is None
-                else ops.where(ok, ops.cast(sample_weight, "float32"), 0.0)
+                else _where_samples(ok, ops.cast(sample_weight, "float32"))
             )
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
@@ -826,7 +827,12 @@ class Distiller(keras.Model):
                 "example keras.losses.SparseCategoricalCrossentropy("
                 "from_logits=True); or build the Distiller with task_weight=0."
             )
-        return self._compile_loss(_where_samples(ok, y), y_pred, sample_weight)
+        # A copy: with a masked loss (ignore_class) Keras' apply_mask does
+        # `sample_weight *= mask`, in place on PyTorch, which would reweigh
+        # the terms that follow.
+        return self._compile_loss(
+            _where_samples(ok, y), y_pred, ops.copy(sample_weight)
+        )
 
     def _term_losses(
         self, x, y_pred, features, student_mask, sample_weight, teacher, cached
