@@ -24,11 +24,23 @@ Besides the networks' inputs, a dict batch may carry these keys:
   computed once by `keras_gramkd.cache`; when they are in the batch the
   teacher does not run.
 
-A training sample whose inputs hold NaN or inf, or whose integer label is
-outside [0, classes), is left out of the step (its inputs are zeroed and its
-weight is 0, so it cannot put a NaN into the weights) and counted in the
-`skipped_samples` metric. With `on_bad_sample="raise"` (the default) `fit` then
-stops with an error after that step; with `"skip"` it goes on.
+A training sample is bad when an input a network reads holds NaN or inf,
+its label is not a class (for sparse categorical cross-entropy: not an integer
+in [0, classes) nor the loss's `ignore_class`; for any loss: a NaN float
+label), its sample or class weight is NaN or inf, a `modality_mask` value is
+not 0 or 1, or a network's output, a feature, a teacher target or its task
+loss comes out NaN or inf (an overflow inside a network). It is left out of
+the step: its inputs are zeroed, every value of it is replaced by 0 with
+`where` (so no NaN·0 reaches the gradient) and its weight is 0; it is counted
+in the `skipped_samples` metric and, in `evaluate`, left out of the compiled
+metrics. With
+`on_bad_sample="raise"` (the default) `fit` then stops with an error after
+that step; with `"skip"` it goes on. (An overflow inside the student's own
+layers is counted too, but its backward pass is NaN already: see
+docs/bad_inputs.md.)
+
+Every loss value is Keras' "sum_over_batch_size": sum(w · per-sample loss) /
+batch size, for the task loss and every term alike.
 """
 
 import keras
@@ -416,8 +428,9 @@ class Distiller(keras.Model):
             `ModalityDropout(rate, return_mask=True)`: the Gram terms then
             leave out the pairs of the modalities it dropped.
         on_bad_sample: `"raise"` (default) stops `fit` with an error after a
-            step that met a sample with NaN/inf inputs or an out-of-range
-            label; `"skip"` leaves such samples out and goes on. Either way
+            step that met a bad sample (NaN/inf inputs, weights or outputs,
+            a label that is not a class; see the module docstring);
+            `"skip"` leaves such samples out and goes on. Either way
             they are counted in the `skipped_samples` metric and never reach
             the weights.
         **kwargs: `keras.Model` arguments (`name`, `dtype`).
