@@ -725,19 +725,10 @@ class Distiller(keras.Model):
         # a network reads, its label or weight, a network's output for it, or
         # its task loss. It is left out with where() (never NaN·0) and weight 0.
         cached = self._cached_targets(x) if self._active else None
-        ok = _finite_samples(self._student.select_inputs(x))
-        if self._active and cached is None:
-            ok = _and(ok, _finite_samples(self._teacher.select_inputs(x)))
-        ok = _and(ok, self._mask_values_ok(x))
-        task = self.task_weight > 0 and y is not None
-        if task:
-            is_sparse, ignore_class = _class_range(self.loss)
-            n_classes = y_pred.shape[-1] if is_sparse else None
-            ok = _and(ok, _valid_labels(y, n_classes, ignore_class))
         if sample_weight is not None:
             sample_weight = ops.cast(sample_weight, "float32")
-            ok = _and(ok, _finite_rows(sample_weight))
-        ok = _and(ok, _finite_rows(y_pred))
+        ok = self._data_ok(x, y, y_pred, sample_weight, cached)
+        task = self.task_weight > 0 and y is not None
         ok = _and(ok, _finite_samples(features))
         if cached is None and self._active:
             x_clean = _zero_bad_samples(x, ok)
@@ -802,10 +793,33 @@ class Distiller(keras.Model):
             total = total + extra
         return total
 
+    def _data_ok(self, x, y, y_pred, sample_weight, cached):
+        """(batch,) bool from what a step's data shows: the inputs the
+        networks read, the mask values, the labels, the weights, the output."""
+        ok = _finite_samples(self._student.select_inputs(x))
+        if self._active and cached is None:
+            ok = _and(ok, _finite_samples(self._teacher.select_inputs(x)))
+        ok = _and(ok, self._mask_values_ok(x))
+        if self.task_weight > 0 and y is not None:
+            is_sparse, ignore_class = _class_range(self.loss)
+            n_classes = y_pred.shape[-1] if is_sparse else None
+            ok = _and(ok, _valid_labels(y, n_classes, ignore_class))
+        if sample_weight is not None:
+            ok = _and(ok, _finite_rows(sample_weight))
+        return _and(ok, _finite_rows(y_pred))
+
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """Keras' metrics, with the samples `compute_loss` skipped left out
         (weight 0, and their labels and outputs zeroed so no NaN enters)."""
         ok = self._ok_cache.take(y_pred)
+        if ok is None:  # JAX's train step: y_pred left the gradient's trace
+            if y is not None and keras.backend.standardize_dtype(y.dtype) == "bool":
+                y = ops.cast(y, "float32")
+            cached = self._cached_targets(x) if self._active else None
+            weight = None
+            if sample_weight is not None:
+                weight = ops.cast(sample_weight, "float32")
+            ok = self._data_ok(x, y, y_pred, weight, cached)
         if ok is not None:
             y_pred = _SkippedRows(name="skipped_rows")((y_pred, ok))
             if y is not None:

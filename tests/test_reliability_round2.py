@@ -302,6 +302,24 @@ def test_skipped_rows_count_in_the_batch_and_leave_the_metrics():
     assert logs["accuracy"] == pytest.approx(accuracy, abs=1e-6)
 
 
+def test_fit_metrics_leave_skipped_rows_out():
+    # Learning rate 0: the metric of the one step is that of the initial model.
+    x, y = make_data(n=12)
+    bad = {k: v.copy() for k, v in x.items()}
+    bad["b"][[0, 5]] = np.nan
+    good = np.ones(12, bool)
+    good[[0, 5]] = False
+    distiller = build(on_bad_sample="skip")
+    distiller.compile(
+        optimizer=keras.optimizers.SGD(0.0), loss=sparse_ce(), metrics=["accuracy"]
+    )
+    s_logits, _ = net_outputs(distiller.student, "s", x)
+    history = distiller.fit(bad, y, batch_size=12, verbose=0).history
+    assert history["skipped_samples"] == [2.0]
+    accuracy = np.mean(s_logits[good].argmax(-1) == y[good])
+    assert history["accuracy"][0] == pytest.approx(accuracy, abs=1e-6)
+
+
 @pytest.mark.parametrize("batch_size", [32, 7, 50])
 def test_task_loss_equals_student_evaluate_at_any_batch_size(batch_size):
     x, y = make_data(n=50)
