@@ -87,6 +87,12 @@ What the cache cannot know:
   act on the student only, as with the live teacher, and random layers in the
   teacher's own input path (`keras.layers.RandomFlip` and the like) are off in
   inference mode, which is how the teacher always runs.
+- Numpy arrays changed in place after `attach` (`x["a"][3] = ...`,
+  `x["a"] *= 2`): the returned dict holds the same array objects (no copy,
+  so no second copy of the data in memory) and numpy data is checked once, at
+  `attach`, so the student then trains on inputs whose cached targets belong
+  to the old values. Change the arrays before `attach` (or attach again
+  afterwards, which checks them again), or pass copies.
 - A teacher changed after `attach`: the fingerprint is compared at `attach`
   only. Do not train or reload the teacher while training from the cache.
 - Anything else the teacher's outputs depend on: its code (a subclassed

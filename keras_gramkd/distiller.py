@@ -24,14 +24,27 @@ Besides the networks' inputs, a dict batch may carry these keys:
   computed once by `keras_gramkd.cache`; when they are in the batch the
   teacher does not run.
 
-A training sample whose inputs hold NaN or inf, or whose integer label is
-outside [0, classes), is left out of the step (its inputs are zeroed and its
-weight is 0, so it cannot put a NaN into the weights) and counted in the
-`skipped_samples` metric. With `on_bad_sample="raise"` (the default) `fit` then
-stops with an error after that step; with `"skip"` it goes on.
+A training sample is bad when an input a network reads holds NaN or inf,
+its label is not a class (for sparse categorical cross-entropy: not an integer
+in [0, classes) nor the loss's `ignore_class`; for any loss: a NaN float
+label), its sample or class weight is NaN or inf, a `modality_mask` value is
+not 0 or 1, or a network's output, a feature, a teacher target or its task
+loss comes out NaN or inf (an overflow inside a network). It is left out of
+the step: its inputs are zeroed, every value of it is replaced by 0 with
+`where` (so no NaN·0 reaches the gradient) and its weight is 0; it is counted
+in the `skipped_samples` metric and, in `evaluate`, left out of the compiled
+metrics. With
+`on_bad_sample="raise"` (the default) `fit` then stops with an error after
+that step; with `"skip"` it goes on. (An overflow inside the student's own
+layers is counted too, but its backward pass is NaN already: see
+docs/bad_inputs.md.)
+
+Every loss value is Keras' "sum_over_batch_size": sum(w · per-sample loss) /
+batch size, for the task loss and every term alike.
 """
 
 import keras
+import numpy as np
 from keras import ops
 from keras.src.losses.loss import unscale_loss_for_distribution
 
@@ -87,28 +100,77 @@ def _sample_axes(tensor):
 
 
 def _finite_samples(x):
-    """(batch,) bool: True where every float input of the sample is finite."""
+    """(batch,) bool: True where every float tensor of the sample is finite."""
     finite = None
     for tensor in filter(_is_float_tensor, keras.tree.flatten(x)):
-        ok = ops.isfinite(tensor)
-        axes = _sample_axes(tensor)
-        ok = ops.all(ok, axis=axes) if axes else ok
+        ok = _finite_rows(tensor)
         finite = ok if finite is None else ops.logical_and(finite, ok)
     return finite
 
 
-def _valid_labels(y, n_classes):
-    """(batch,) bool: integer labels in [0, n_classes), float labels finite."""
-    axes = _sample_axes(y)
-    if "int" in keras.backend.standardize_dtype(y.dtype):
-        ok = ops.logical_and(y >= 0, y < n_classes)
+def _finite_rows(tensor):
+    """(batch,) bool: True where every entry of the sample is finite."""
+    ok = ops.isfinite(tensor)
+    axes = _sample_axes(tensor)
+    return ops.all(ok, axis=axes) if axes else ok
+
+
+def _and(a, b):
+    if a is None:
+        return b
+    return a if b is None else ops.logical_and(a, b)
+
+
+def _class_range(loss):
+    """(True, ignore_class) when `loss` is sparse categorical cross-entropy,
+    the one compiled loss whose labels are class indices; else (False, None)."""
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return False, None
+    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+        return True, loss.get_config().get("ignore_class")
+    if loss is keras.losses.sparse_categorical_crossentropy:
+        return True, None
+    return False, None
+
+
+def _per_sample_fn(loss):
+    """The unreduced form of a single compiled loss, or None (dicts, lists)."""
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return None
+    if isinstance(loss, keras.losses.Loss):
+        return loss.call
+    return loss if callable(loss) else None
+
+
+def _valid_labels(y, n_classes, ignore_class=None):
+    """(batch,) bool: sparse class labels integral and in [0, n_classes) (or
+    the ignore class); any labels finite."""
+    dtype = keras.backend.standardize_dtype(y.dtype)
+    if dtype == "bool":
+        return None
+    if n_classes is None:  # not class labels: only finiteness matters
+        return _finite_rows(y) if "float" in dtype else None
+    if "float" in dtype:
+        ok = ops.logical_and(ops.isfinite(y), ops.equal(y, ops.floor(y)))
+        ok = ops.logical_and(ok, ops.logical_and(y >= 0, y < n_classes))
     else:
-        ok = ops.isfinite(y)
+        ok = ops.logical_and(y >= 0, y < n_classes)
+    if ignore_class is not None:
+        ok = ops.logical_or(ok, ops.equal(y, ignore_class))
+    axes = _sample_axes(y)
     return ops.all(ok, axis=axes) if axes else ok
 
 
 def _where_samples(ok, tensor):
     """`tensor` with the samples where `ok` is False replaced by zeros."""
+    if len(tensor.shape) == 0:
+        return tensor
     shape = (-1,) + (1,) * (len(tensor.shape) - 1)
     keep = ops.reshape(ok, shape)
     return ops.where(keep, tensor, ops.zeros_like(tensor))
@@ -127,6 +189,19 @@ def _zero_bad_samples(x, ok):
     return keras.tree.map_structure(
         lambda t: _where_samples(ok, t) if _is_float_tensor(t) else t, x
     )
+
+
+class _SkippedRows(keras.layers.Layer):
+    """Marks the skipped samples of `y_pred` with a Keras mask (False), which
+    every Keras metric honours, weighted or not: `metrics=["accuracy"]`
+    passes no sample weight, so a weight of 0 alone would not leave them out."""
+
+    def call(self, inputs):
+        y_pred, ok = inputs
+        return _where_samples(ok, y_pred)
+
+    def compute_mask(self, inputs, mask=None):
+        return inputs[1]
 
 
 class _DataGuard(keras.callbacks.Callback):
@@ -160,9 +235,13 @@ class _DataGuard(keras.callbacks.Callback):
             raise ValueError(
                 f"{skipped:.0f} training sample(s) in epoch {self.epoch + 1} up to "
                 f"batch {batch + 1} have NaN or inf inputs, or a label outside "
-                "[0, classes). They were left out of the step, so the weights "
-                "hold no NaN. Clean the data (np.isfinite on each input, the "
-                "label range), or build the Distiller with "
+                "[0, classes), a NaN or inf sample or class weight, a "
+                "modality_mask value other than 0/1, or a NaN or inf output or "
+                "loss (an overflow inside a network). They were left out of the "
+                "step, so the weights hold no NaN (unless the student's own "
+                "layers overflowed; docs/bad_inputs.md). Clean the data (np.isfinite "
+                "on each input and weight, the label range, the input scale), "
+                "or build the Distiller with "
                 "on_bad_sample='skip' to leave such samples out and count them "
                 "in the skipped_samples metric."
             )
@@ -210,6 +289,24 @@ def _check_arrays(x, y):
                     f"Input {key!r} has no samples: the data set is empty. "
                     "Check how the arrays were loaded or filtered."
                 )
+
+
+def _check_mask_values(x):
+    """Raises when a numpy `modality_mask` holds values other than 0 and 1."""
+    mask = x.get(MODALITY_MASK_KEY) if isinstance(x, dict) else None
+    if mask is None or type(mask).__module__ != "numpy":
+        return
+    mask = np.asarray(mask)
+    bad = ~np.isin(mask, (0, 1))
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0][:2])
+        raise ValueError(
+            f"Batch key {MODALITY_MASK_KEY!r} holds {int(bad.sum())} value(s) "
+            f"other than 0 and 1 (the first: {mask[row, col]!r} in row {row}, "
+            f"column {col}). It marks each modality present (1) or missing (0); "
+            "it is not a weight. Threshold it, e.g. "
+            "(mask > 0.5).astype('float32')."
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_gramkd")
@@ -331,8 +428,9 @@ class Distiller(keras.Model):
             `ModalityDropout(rate, return_mask=True)`: the Gram terms then
             leave out the pairs of the modalities it dropped.
         on_bad_sample: `"raise"` (default) stops `fit` with an error after a
-            step that met a sample with NaN/inf inputs or an out-of-range
-            label; `"skip"` leaves such samples out and goes on. Either way
+            step that met a bad sample (NaN/inf inputs, weights or outputs,
+            a label that is not a class; see the module docstring);
+            `"skip"` leaves such samples out and goes on. Either way
             they are counted in the `skipped_samples` metric and never reach
             the weights.
         **kwargs: `keras.Model` arguments (`name`, `dtype`).
@@ -457,6 +555,7 @@ class Distiller(keras.Model):
         ]
         self.skipped_samples_tracker = keras.metrics.Sum(name="skipped_samples")
         self._forward_cache = _ForwardCache()
+        self._ok_cache = _ForwardCache()
         if teacher.built and student.built:
             self.built = True
 
@@ -521,6 +620,7 @@ class Distiller(keras.Model):
     ):
         """`keras.Model.fit`, plus the data checks described in the class."""
         _check_arrays(x, y)
+        _check_mask_values(x)
         if _is_empty_source(x):
             raise ValueError(EMPTY_DATA_MESSAGE)
         try:
@@ -536,13 +636,18 @@ class Distiller(keras.Model):
         except StopIteration:  # JAX's trainer peeks at a first batch
             raise ValueError(EMPTY_DATA_MESSAGE) from None
 
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.evaluate`, plus the `modality_mask` value check."""
+        _check_mask_values(x)
+        return super().evaluate(x, y, *args, **kwargs)
+
     def call(self, inputs, training=None):
         if inputs is None:  # torch's trainer builds on a missing first batch
             raise ValueError(
                 f"The Distiller got no inputs (None). {EMPTY_DATA_MESSAGE}"
             )
-        if training:
-            ok = _finite_samples(inputs)
+        if training:  # only the inputs the student reads: other keys may hold NaN
+            ok = _finite_samples(self._student.select_inputs(inputs))
             if ok is not None:
                 inputs = _zero_bad_samples(inputs, ok)
         logits, features, mask = self._student.forward(inputs, training)
@@ -613,47 +718,129 @@ class Distiller(keras.Model):
             if extras is None:  # y_pred was not made by this model's call
                 _, *extras = self._student.forward(x, training)
             features, student_mask = extras
+        if y is not None and keras.backend.standardize_dtype(y.dtype) == "bool":
+            y = ops.cast(y, "float32")  # as Keras' losses take them
 
-        ok = _finite_samples(x)
-        if y is not None and self.task_weight > 0:
-            labels_ok = _valid_labels(y, y_pred.shape[-1])
-            ok = labels_ok if ok is None else ops.logical_and(ok, labels_ok)
-        if ok is not None:
-            self.skipped_samples_tracker.update_state(
-                ops.sum(1.0 - ops.cast(ok, "float32"))
-            )
-            x = _zero_bad_samples(x, ok)
-            y_pred = _where_samples(ok, y_pred)
-            keep = ops.cast(ok, "float32")
-            sample_weight = (
-                keep
-                if sample_weight is None
-                else ops.cast(sample_weight, "float32") * keep
-            )
-            features = keras.tree.map_structure(
-                lambda v: _where_samples(ok, v), features
-            )
+        # A sample is bad when anything it feeds a loss is not finite: an input
+        # a network reads, its label or weight, a network's output for it, or
+        # its task loss. It is left out with where() (never NaN·0) and weight 0.
+        cached = self._cached_targets(x) if self._active else None
+        if sample_weight is not None:
+            sample_weight = ops.cast(sample_weight, "float32")
+        ok = self._data_ok(x, y, y_pred, sample_weight, cached)
+        task = self.task_weight > 0 and y is not None
+        ok = _and(ok, _finite_samples(features))
+        if cached is None and self._active:
+            x_clean = _zero_bad_samples(x, ok)
+            teacher = self._teacher.forward(x_clean, training=False)
+            ok = _and(ok, _finite_samples(teacher[:2]))
+        else:
+            teacher = None
+            ok = _and(ok, _finite_samples(cached))
+        if task:
+            per_sample = _per_sample_fn(self.loss)
+            if per_sample is not None:
+                labels = ops.cast(_where_samples(ok, y), y_pred.dtype)  # as Loss does
+                values = per_sample(labels, _where_samples(ok, y_pred))
+                ok = ops.logical_and(ok, _finite_rows(values))
 
+        self.skipped_samples_tracker.update_state(
+            ops.sum(1.0 - ops.cast(ok, "float32"))
+        )
+        self._ok_cache.put(y_pred, ok)
+        x = _zero_bad_samples(x, ok)
+        y_pred = _where_samples(ok, y_pred)
+        keep = ops.cast(ok, "float32")
+        sample_weight = (
+            keep if sample_weight is None else _where_samples(ok, sample_weight)
+        )
+        features = keras.tree.map_structure(lambda v: _where_samples(ok, v), features)
+        if teacher is not None:
+            teacher = keras.tree.map_structure(
+                lambda v: _where_samples(ok, v), teacher[:2]
+            )
+        if cached is not None:
+            cached = keras.tree.map_structure(lambda v: _where_samples(ok, v), cached)
+
+        # Every value is Keras' sum(w · loss) / batch; the trackers weigh each
+        # batch by its size, as Keras' own loss tracker does, so that
+        # evaluate's task_loss equals student.evaluate's loss.
         # Under tf.distribute every term is already divided by the replica
         # count (Keras' convention: summed replica gradients are the global
         # batch's); the metrics report the undivided values, as Keras' do.
+        batch = ops.cast(ops.shape(y_pred)[0], "float32")
         total = ops.zeros((), dtype="float32")
         if self.task_weight > 0:
             value = ops.cast(self._task_loss(y, y_pred, sample_weight, ok), "float32")
-            self.task_loss_tracker.update_state(unscale_loss_for_distribution(value))
+            self.task_loss_tracker.update_state(
+                unscale_loss_for_distribution(value), sample_weight=batch
+            )
             total = total + self.task_weight * value
         if self._active:
-            losses = self._term_losses(x, y_pred, features, student_mask, sample_weight)
+            losses = self._term_losses(
+                x, y_pred, features, student_mask, sample_weight, teacher, cached
+            )
             for term, tracker, value in zip(
                 self._active, self.term_trackers, losses, strict=True
             ):
                 value = ops.cast(value, "float32")
-                tracker.update_state(unscale_loss_for_distribution(value))
+                tracker.update_state(
+                    unscale_loss_for_distribution(value), sample_weight=batch
+                )
                 total = total + term.weight * value
         for extra in self.losses:  # the student's regularisation losses
             extra = self._aggregate_additional_loss(ops.cast(extra, "float32"))
             total = total + extra
         return total
+
+    def _data_ok(self, x, y, y_pred, sample_weight, cached):
+        """(batch,) bool from what a step's data shows: the inputs the
+        networks read, the mask values, the labels, the weights, the output."""
+        ok = _finite_samples(self._student.select_inputs(x))
+        if self._active and cached is None:
+            ok = _and(ok, _finite_samples(self._teacher.select_inputs(x)))
+        ok = _and(ok, self._mask_values_ok(x))
+        if self.task_weight > 0 and y is not None:
+            is_sparse, ignore_class = _class_range(self.loss)
+            n_classes = y_pred.shape[-1] if is_sparse else None
+            ok = _and(ok, _valid_labels(y, n_classes, ignore_class))
+        if sample_weight is not None:
+            ok = _and(ok, _finite_rows(sample_weight))
+        return _and(ok, _finite_rows(y_pred))
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Keras' metrics, with the samples `compute_loss` skipped left out
+        (weight 0, and their labels and outputs zeroed so no NaN enters)."""
+        ok = self._ok_cache.take(y_pred)
+        if ok is None:  # JAX's train step: y_pred left the gradient's trace
+            if y is not None and keras.backend.standardize_dtype(y.dtype) == "bool":
+                y = ops.cast(y, "float32")
+            cached = self._cached_targets(x) if self._active else None
+            weight = None
+            if sample_weight is not None:
+                weight = ops.cast(sample_weight, "float32")
+            ok = self._data_ok(x, y, y_pred, weight, cached)
+        if ok is not None:
+            y_pred = _SkippedRows(name="skipped_rows")((y_pred, ok))
+            if y is not None:
+                y = keras.tree.map_structure(lambda v: _where_samples(ok, v), y)
+            keep = ops.cast(ok, "float32")
+            sample_weight = (
+                keep
+                if sample_weight is None
+                else _where_samples(ok, ops.cast(sample_weight, "float32"))
+            )
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    def _mask_values_ok(self, x):
+        """(batch,) bool: the batch's modality_mask holds only 0 and 1."""
+        mask = x.get(MODALITY_MASK_KEY) if isinstance(x, dict) else None
+        if mask is None or not self.modality_names:
+            return None
+        if keras.backend.standardize_dtype(mask.dtype) == "bool":
+            return None
+        ok = ops.logical_or(ops.equal(mask, 0), ops.equal(mask, 1))
+        return ops.all(ok, axis=_sample_axes(mask))
 
     def _task_loss(self, y, y_pred, sample_weight, ok):
         if y is None:
@@ -667,29 +854,31 @@ class Distiller(keras.Model):
                 "example keras.losses.SparseCategoricalCrossentropy("
                 "from_logits=True); or build the Distiller with task_weight=0."
             )
-        if ok is not None:
-            y = _where_samples(ok, y)
-        return self._compile_loss(y, y_pred, sample_weight)
+        # A copy: with a masked loss (ignore_class) Keras' apply_mask does
+        # `sample_weight *= mask`, in place on PyTorch, which would reweigh
+        # the terms that follow.
+        return self._compile_loss(
+            _where_samples(ok, y), y_pred, ops.copy(sample_weight)
+        )
 
-    def _term_losses(self, x, y_pred, features, student_mask, sample_weight):
-        """Each active term's loss, from cached targets or a teacher forward."""
+    def _term_losses(
+        self, x, y_pred, features, student_mask, sample_weight, teacher, cached
+    ):
+        """Each active term's loss, from cached targets or the teacher's outputs."""
         mask = None
         if any(term.uses_mask for term in self._active):
             mask = self._batch_mask(x, student_mask)
-        cached = self._cached_targets(x)
         if cached is None:
-            teacher_logits, teacher_features, _ = self._teacher.forward(
-                x, training=False
-            )
+            teacher_logits, teacher_features = teacher
         teacher_pooled, student_pooled, losses = {}, {}, []
         for term in self._active:
             term_mask = self._term_mask(term, mask)
             if cached is None:
-                teacher = NetworkOutputs(
+                outputs = NetworkOutputs(
                     teacher_logits,
                     _view(term.teacher_spec(), teacher_features, teacher_pooled),
                 )
-                targets = term.teacher_targets(teacher, term_mask)
+                targets = term.teacher_targets(outputs, term_mask)
             else:
                 targets = cached[term.name]
             targets = {k: ops.stop_gradient(v) for k, v in targets.items()}

@@ -167,6 +167,36 @@ def masked_mean(values, weights=None):
     return ops.divide_no_nan(ops.sum(values * weights), ops.sum(weights))
 
 
+def sum_over_batch(values, sample_weight=None):
+    """Keras' "sum_over_batch_size" reduction: sum(w·v) / batch.
+
+    `values` (batch, ...) are first averaged over each sample's entries. A
+    sample with weight 0 (a skipped one) adds exactly 0, even where its value
+    is NaN or inf, but still counts in the batch size, as in every Keras loss.
+
+    Args:
+        values: (batch, ...) per-sample values.
+        sample_weight: optional (batch,) weights.
+
+    Returns:
+        float32 scalar.
+
+    Example:
+
+    >>> import numpy as np
+    >>> v = np.array([1.0, 3.0, np.nan], "float32")
+    >>> float(sum_over_batch(v, np.array([1.0, 1.0, 0.0], "float32")))
+    1.3333333730697632
+    """
+    values = ops.cast(values, "float32")
+    if len(values.shape) > 1:
+        values = ops.mean(values, axis=tuple(range(1, len(values.shape))))
+    if sample_weight is None:
+        return ops.mean(values)
+    weights = ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+    return ops.mean(ops.where(weights != 0, values * weights, 0.0))
+
+
 def gram_loss(
     teacher_features,
     student_features,
@@ -230,7 +260,10 @@ def gram_distance(
         student_gram: (batch, M, M), formed with the same normalisation.
         mask: optional (batch, M) 0/1 modality mask: the mean is over present
             pairs only.
-        sample_weight: optional (batch,) weights of the samples.
+        sample_weight: optional (batch,) weights of the samples. As in Keras'
+            losses they multiply, and the mask alone sets the count: the value
+            is sum(w · squares over present pairs) / (number of present pairs),
+            which is sum(w · per-sample mean) / batch without a mask.
         entries: which entries of the M×M matrices count: `"all"`,
             `"diagonal"` (only the squared norms: no relations between
             modalities) or `"off_diagonal"` (only the relations).
@@ -253,15 +286,29 @@ def gram_distance(
     teacher_gram = ops.cast(teacher_gram, "float32")
     student_gram = ops.cast(student_gram, "float32")
     weights = ops.ones_like(student_gram) if mask is None else pair_mask(mask)
-    if target == "batch_mean":
-        count = ops.maximum(ops.sum(weights, axis=0, keepdims=True), 1.0)
-        teacher_gram = weights * ops.sum(teacher_gram, axis=0, keepdims=True) / count
+    sample = None
+    if sample_weight is not None:
+        sample = ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1, 1))
+    if target == "batch_mean":  # over the samples that count (weight != 0)
+        present = (
+            weights if sample is None else weights * ops.cast(sample != 0, "float32")
+        )
+        count = ops.maximum(ops.sum(present, axis=0, keepdims=True), 1.0)
+        total = ops.sum(
+            ops.where(present > 0, teacher_gram, 0.0), axis=0, keepdims=True
+        )
+        teacher_gram = weights * total / count
     if entries != "all":
         eye = ops.eye(student_gram.shape[-1], dtype="float32")
         weights = weights * (eye if entries == "diagonal" else 1.0 - eye)
-    if sample_weight is not None:
-        weights = weights * ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1, 1))
-    return masked_mean(ops.square(teacher_gram - student_gram), weights)
+    # Keras' convention: sample weights multiply, masks shrink the count.
+    count = ops.sum(weights)
+    if sample is not None:
+        weights = weights * sample
+    squares = ops.square(teacher_gram - student_gram)
+    return ops.divide_no_nan(
+        ops.sum(ops.where(weights != 0, squares * weights, 0.0)), count
+    )
 
 
 def _kl_terms(log_q, u, log_p):

@@ -223,14 +223,13 @@ class DistillationTerm(keras.layers.Layer):
     def reduce(self, values, sample_weight=None):
         """Per-sample `values` (batch, ...) to the term's scalar.
 
-        The mean over each sample's entries, then the `sample_weight`-weighted
-        mean over samples (skipped samples have weight 0), scaled for replicas
-        under `tf.distribute`.
+        The mean over each sample's entries, then Keras' own reduction
+        ("sum_over_batch_size"): sum(sample_weight · value) / batch size, the
+        convention of the task loss and of every term. Skipped samples have
+        weight 0: they add exactly 0 (even a NaN value) and count in the batch
+        size. Scaled for replicas under `tf.distribute`.
         """
-        values = ops.cast(values, "float32")
-        if len(values.shape) > 1:
-            values = ops.mean(values, axis=tuple(range(1, len(values.shape))))
-        return scale_for_replicas(kd_ops.masked_mean(values, sample_weight))
+        return scale_for_replicas(kd_ops.sum_over_batch(values, sample_weight))
 
     def target_settings(self):
         """What cached targets depend on besides the teacher's weights."""

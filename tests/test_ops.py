@@ -152,8 +152,10 @@ def test_gram_loss_mask_and_sample_weight_match_numpy():
     sw = np.array([1.0, 2.0, 5.0, 0.5], "float32")
     sq = (np_gram(t, "l2", mask) - np_gram(s, "l2", mask)) ** 2
     pairs = mask[:, :, None] * mask[:, None, :]
-    weights = pairs * sw[:, None, None]
-    expected = (sq * weights).sum() / weights.sum()
+    # Keras' convention: sample weights multiply, the mask alone sets the count
+    # (was (sq * weights).sum() / weights.sum(), a weighted mean, which
+    # disagreed with the task and KD losses' sum(w·l) / batch).
+    expected = (sq * pairs * sw[:, None, None]).sum() / pairs.sum()
     got = float(to_np(kd_ops.gram_loss(t, s, mask=mask, sample_weight=sw)))
     assert got == pytest.approx(expected, rel=1e-5)
     # Masked modalities never influence the loss: change them arbitrarily.
