@@ -48,6 +48,9 @@ import numpy as np
 from keras import ops
 from keras.src.losses.loss import unscale_loss_for_distribution
 
+# Imported for its registrations: a Distiller saved with relational terms
+# (SPTerm, ...) loads wherever the Distiller class does.
+from keras_gramkd import relational  # noqa: F401
 from keras_gramkd.features import pool_tokens
 from keras_gramkd.losses import check_temperature
 from keras_gramkd.network import (

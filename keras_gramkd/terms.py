@@ -460,9 +460,3 @@ def _stacked_modalities(term, role, shapes):
             "-> address."
         )
     return shapes[1]
-
-
-# Registers the relational terms whenever the terms are (a Distiller saved with
-# an SPTerm then loads in a process that never imported them). At the end:
-# keras_gramkd.relational imports this module's names.
-from keras_gramkd import relational  # noqa: E402, F401

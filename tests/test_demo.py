@@ -207,19 +207,6 @@ def test_student_training_is_reproducible_given_the_seed():
         np.testing.assert_array_equal(a, b)
 
 
-def test_epoch_batches_order_depends_only_on_seed():
-    x = {"a": np.arange(10, dtype="float32")[:, None]}
-    y = np.arange(10)
-    first = demo._EpochBatches(x, y, batch_size=4, num_batches=5, seed=3)
-    second = demo._EpochBatches(x, y, batch_size=4, num_batches=5, seed=3)
-    assert len(first) == 5
-    for i in range(5):
-        np.testing.assert_array_equal(first[i][1], second[i][1])
-    first.on_epoch_end()
-    second.on_epoch_end()
-    np.testing.assert_array_equal(first[0][1], second[0][1])
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -194,6 +194,16 @@ def test_seeded_batches_repeat_per_seed_and_cover_every_row():
     assert sorted(rows[:10].tolist()) == list(range(10))
     np.testing.assert_array_equal(rows, np.concatenate([two[i][1] for i in range(3)]))
     assert not np.array_equal(one[0][1], SeededBatches(x, y, 4, seed=4)[0][1])
+    # More batches than one pass: permutations follow each other; each epoch
+    # draws a new order, the same for the same seed.
+    long_a, long_b = (SeededBatches(x, y, 4, num_batches=5, seed=3) for _ in "ab")
+    rows = np.concatenate([long_a[i][1] for i in range(5)])
+    assert len(long_a) == 5 and sorted(rows[10:].tolist()) == list(range(10))
+    before = long_a[0][1]
+    long_a.on_epoch_end()
+    long_b.on_epoch_end()
+    np.testing.assert_array_equal(long_a[0][1], long_b[0][1])
+    assert not np.array_equal(long_a[0][1], before)
 
 
 @pytest.mark.parametrize(
