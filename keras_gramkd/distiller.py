@@ -559,6 +559,9 @@ class Distiller(keras.Model):
         self.skipped_samples_tracker = keras.metrics.Sum(name="skipped_samples")
         self._forward_cache = _ForwardCache()
         self._ok_cache = _ForwardCache()
+        # One instance: a layer made inside a step breaks torch.compile and
+        # costs a layer construction per step.
+        self._skipped_rows = _SkippedRows(name="skipped_rows")
         if teacher.built and student.built:
             self.built = True
 
@@ -824,7 +827,7 @@ class Distiller(keras.Model):
                 weight = ops.cast(sample_weight, "float32")
             ok = self._data_ok(x, y, y_pred, weight, cached)
         if ok is not None:
-            y_pred = _SkippedRows(name="skipped_rows")((y_pred, ok))
+            y_pred = self._skipped_rows((y_pred, ok))
             if y is not None:
                 y = keras.tree.map_structure(lambda v: _where_samples(ok, v), y)
             keep = ops.cast(ok, "float32")

@@ -353,3 +353,30 @@ def test_compile_without_loss_fails_clearly():
         ValueError, match=r"task_weight > 0 needs a task loss: compile\(loss="
     ):
         distiller.fit(x, y, verbose=0)
+
+
+@pytest.mark.slow  # torch.compile and XLA compile the step
+def test_jit_compile_true_gives_the_eager_losses():
+    # jit_compile=True is XLA on TensorFlow, jax.jit on JAX and torch.compile
+    # on PyTorch: evaluate and two SGD steps must give the eager values.
+    x, y = make_data(n=32)
+    teacher, student = make_net("t", 8), make_net("s", 4)
+    initial = student.get_weights()
+    logs = []
+    for eager in (True, False):
+        student.set_weights(initial)
+        distiller = Distiller(teacher, student, modality_map("t"), modality_map("s"))
+        distiller.compile(
+            keras.optimizers.SGD(0.1),
+            sparse_ce(),
+            run_eagerly=eager,
+            jit_compile=not eager,
+        )
+        evaluated = distiller.evaluate(x, y, batch_size=32, return_dict=True, verbose=0)
+        history = distiller.fit(
+            x, y, batch_size=16, epochs=1, shuffle=False, verbose=0
+        ).history
+        logs.append((evaluated, {key: values[-1] for key, values in history.items()}))
+    for key in ("loss", "task_loss", "kd_loss", "gram_loss"):
+        for eager_log, compiled_log in zip(logs[0], logs[1], strict=True):
+            assert compiled_log[key] == pytest.approx(eager_log[key], abs=1e-5), key
