@@ -27,6 +27,7 @@ _EXPORTS = {
     "ModalityDropout": "keras_gramkd.layers",
     "ModalitySPTerm": "keras_gramkd.relational",
     "ModalityStack": "keras_gramkd.layers",
+    "ModalityTerm": "keras_gramkd.terms",
     "PKTTerm": "keras_gramkd.relational",
     "RKDTerm": "keras_gramkd.relational",
     "SPTerm": "keras_gramkd.relational",

@@ -53,7 +53,7 @@ from keras import ops
 
 from keras_gramkd import ops as kd_ops
 from keras_gramkd.losses import scale_for_replicas
-from keras_gramkd.terms import DistillationTerm, check_weight
+from keras_gramkd.terms import DistillationTerm, ModalityTerm, check_weight
 
 
 class _RelationTerm(DistillationTerm):
@@ -340,7 +340,7 @@ class FitNetTerm(_RelationTerm):
 
 
 @keras.saving.register_keras_serializable(package="keras_gramkd")
-class ModalitySPTerm(DistillationTerm):
+class ModalitySPTerm(ModalityTerm):
     """Per-modality similarity preserving: a batch × batch map per modality.
 
     For each modality, `similarity_preserving` between the teacher's and the
@@ -369,8 +369,6 @@ class ModalitySPTerm(DistillationTerm):
     (['b'], ['b'])
     """
 
-    uses_mask = True
-
     def __init__(
         self,
         teacher_features=None,
@@ -395,27 +393,7 @@ class ModalitySPTerm(DistillationTerm):
                 "(a dict) and the other one address; give both as dicts "
                 "modality name -> address so that they align by name."
             )
-        if isinstance(student, dict):
-            unknown = [name for name in student if name not in teacher]
-            if unknown:
-                raise ValueError(
-                    f"Student modalities {unknown} are not among the teacher's "
-                    f"{list(teacher)}. Modalities align by name: use the same "
-                    "names in the teacher's and the student's features."
-                )
-
-    @property
-    def modality_names(self):
-        for spec in (self.student_features, self.teacher_features):
-            if isinstance(spec, dict):
-                return list(spec)
-        return None
-
-    def teacher_spec(self):
-        teacher, student = self.teacher_features, self.student_features
-        if isinstance(teacher, dict) and isinstance(student, dict):
-            return {name: teacher[name] for name in student}
-        return teacher
+        self.check_modalities_align()
 
     def check_features(self, teacher_shapes, student_shapes):
         if isinstance(student_shapes, dict):

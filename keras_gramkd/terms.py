@@ -285,8 +285,46 @@ class KDTerm(DistillationTerm):
         return {**config, "temperature": self.temperature}
 
 
+class ModalityTerm(DistillationTerm):
+    """A term that reads one embedding per modality from each network.
+
+    Its features are dicts modality name -> address that align by name (the
+    student may use a subset of the teacher's modalities), or one address
+    whose output is the stacked (batch, M, d) embeddings. It takes the
+    (batch, M) modality mask (`uses_mask`). Base of `GramTerm` and
+    `keras_gramkd.relational.ModalitySPTerm`.
+    """
+
+    uses_mask = True
+
+    def check_modalities_align(self):
+        """Raises unless the student's modality names are among the teacher's."""
+        teacher, student = self.teacher_features, self.student_features
+        if isinstance(teacher, dict) and isinstance(student, dict):
+            unknown = [name for name in student if name not in teacher]
+            if unknown:
+                raise ValueError(
+                    f"Student modalities {unknown} are not among the teacher's "
+                    f"{list(teacher)}. Modalities align by name: use the same "
+                    "names in the teacher's and the student's features."
+                )
+
+    @property
+    def modality_names(self):
+        for spec in (self.student_features, self.teacher_features):
+            if isinstance(spec, dict):
+                return list(spec)
+        return None
+
+    def teacher_spec(self):
+        teacher, student = self.teacher_features, self.student_features
+        if isinstance(teacher, dict) and isinstance(student, dict):
+            return {name: teacher[name] for name in student}
+        return teacher
+
+
 @keras.saving.register_keras_serializable(package="keras_gramkd")
-class GramTerm(DistillationTerm):
+class GramTerm(ModalityTerm):
     """The modality-level Gram matrix loss (arXiv 2112.11447) as a term.
 
     Per sample, the M modality embeddings of each network form an M×M Gram
@@ -313,8 +351,6 @@ class GramTerm(DistillationTerm):
     >>> term.modality_names
     ['a', 'b']
     """
-
-    uses_mask = True
 
     def __init__(
         self,
@@ -344,28 +380,7 @@ class GramTerm(DistillationTerm):
                 "name -> layer name or path, or one layer whose output is "
                 "(batch, M, d). Pass them, or set its weight (gram_weight) to 0."
             )
-        teacher, student = self.teacher_features, self.student_features
-        if isinstance(teacher, dict) and isinstance(student, dict):
-            unknown = [name for name in student if name not in teacher]
-            if unknown:
-                raise ValueError(
-                    f"Student modalities {unknown} are not among the teacher's "
-                    f"{list(teacher)}. Modalities align by name: use the same "
-                    "names in the teacher's and the student's features."
-                )
-
-    @property
-    def modality_names(self):
-        for spec in (self.student_features, self.teacher_features):
-            if isinstance(spec, dict):
-                return list(spec)
-        return None
-
-    def teacher_spec(self):
-        teacher, student = self.teacher_features, self.student_features
-        if isinstance(teacher, dict) and isinstance(student, dict):
-            return {name: teacher[name] for name in student}
-        return teacher
+        self.check_modalities_align()
 
     def check_features(self, teacher_shapes, student_shapes):
         counts = {}
