@@ -35,6 +35,7 @@ best trained student.
 """
 
 import datetime
+import inspect
 import json
 import math
 import numbers
@@ -488,10 +489,52 @@ def make_tuner(hypermodel, tuner="random", max_trials=10, max_epochs=None, **kwa
         # KerasTuner's default (3 random points per hyperparameter) would make a
         # small search entirely random.
         kwargs.setdefault("num_initial_points", max(2, max_trials // 3))
-        cls = kt.BayesianOptimization
+        oracle_class = kt.oracles.BayesianOptimizationOracle
     else:
-        cls = kt.RandomSearch
-    return cls(hypermodel, objective=objective, max_trials=max_trials, **kwargs)
+        oracle_class = kt.oracles.RandomSearchOracle
+    # The oracle's arguments go to the oracle, the rest to the tuner, as
+    # kt.RandomSearch and kt.BayesianOptimization split them.
+    names = inspect.signature(oracle_class).parameters
+    oracle_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+    oracle = _gram_balanced(oracle_class)(
+        objective=objective, max_trials=max_trials, **oracle_kwargs
+    )
+    return kt.Tuner(oracle=oracle, hypermodel=hypermodel, **kwargs)
+
+
+def _gram_balanced(oracle_class):
+    """`oracle_class`, with trials that alternate the Gram term on and off.
+
+    When the search space searches `use_gram`, each new trial takes the value
+    tried less often so far (on first), so any two trials compare the Gram
+    term on and off: random draws alone gave `gram=0` to both trials of a
+    2-trial search. A trial switched on draws its `gram_weight` at random.
+    Everything else is the oracle's own choice.
+    """
+
+    class GramBalancedOracle(oracle_class):
+        def populate_space(self, trial_id):
+            result = super().populate_space(trial_id)
+            values = result.get("values")
+            space = {hp.name: hp for hp in self.hyperparameters.space}
+            searched = type(space.get("use_gram")).__name__ == "Boolean"
+            if values is None or not searched:
+                return result
+            tried = [
+                t.hyperparameters.values.get("use_gram") for t in self.trials.values()
+            ]
+            want = tried.count(True) <= tried.count(False)
+            if values["use_gram"] != want:
+                values["use_gram"] = want
+                if want:
+                    seed = self.seed + len(self.trials)
+                    values["gram_weight"] = space["gram_weight"].random_sample(seed)
+                else:
+                    values.pop("gram_weight", None)
+            return result
+
+    GramBalancedOracle.__name__ = f"GramBalanced{oracle_class.__name__}"
+    return GramBalancedOracle
 
 
 def completed_trials(tuner):

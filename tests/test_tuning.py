@@ -129,6 +129,18 @@ def search(data, teacher, tmp_path_factory):
     }
 
 
+def test_trials_alternate_the_gram_term_on_and_off(search):
+    # Random draws alone gave gram=0 to both trials of a 2-trial search; the
+    # oracle now alternates use_gram, each "on" trial with its own weight.
+    oracle = search["tuner"].oracle
+    values = [oracle.trials[i].hyperparameters.values for i in oracle.start_order]
+    assert [v["use_gram"] for v in values] == [True, False, True]
+    assert all(0.01 <= v["gram_weight"] <= 100 for v in values if v["use_gram"])
+    assert all("gram_weight" not in v for v in values if not v["use_gram"])
+    config = search["hypermodel"].distiller_config(oracle.trials["1"].hyperparameters)
+    assert config["gram_weight"] == 0.0
+
+
 def test_resume_does_not_redo_finished_trials(search):
     assert search["first_fits"] == 3  # the third trial was interrupted
     assert len(search["interrupted"]) == 2
