@@ -87,8 +87,6 @@ def main(argv=None):
     known, _ = _backend_parser().parse_known_args(argv)
     if known.backend:
         os.environ["KERAS_BACKEND"] = known.backend
-    # TensorFlow's C++ start-up lines (oneDNN, CUDA probing) are not ours to show.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     message = missing_backend_message(_configured_backend())
     if message:
         print(f"gramkd: error: {message}", file=sys.stderr)
