@@ -46,7 +46,6 @@ batch size, for the task loss and every term alike.
 import keras
 import numpy as np
 from keras import ops
-from keras.src.losses.loss import unscale_loss_for_distribution
 
 # Imported for its registrations: a Distiller saved with relational terms
 # (SPTerm, ...) loads wherever the Distiller class does.
@@ -60,6 +59,7 @@ from keras_gramkd.network import (
     symbolic_output,
 )
 from keras_gramkd.ops import check_choice
+from keras_gramkd.replicas import scale_for_replicas, unscale_for_replicas
 from keras_gramkd.terms import (
     TARGET_PREFIX,
     DistillationTerm,
@@ -779,7 +779,7 @@ class Distiller(keras.Model):
         if self.task_weight > 0:
             value = ops.cast(self._task_loss(y, y_pred, sample_weight, ok), "float32")
             self.task_loss_tracker.update_state(
-                unscale_loss_for_distribution(value), sample_weight=batch
+                unscale_for_replicas(value), sample_weight=batch
             )
             total = total + self.task_weight * value
         if self._active:
@@ -790,12 +790,11 @@ class Distiller(keras.Model):
                 self._active, self.term_trackers, losses, strict=True
             ):
                 value = ops.cast(value, "float32")
-                tracker.update_state(
-                    unscale_loss_for_distribution(value), sample_weight=batch
-                )
+                tracker.update_state(unscale_for_replicas(value), sample_weight=batch)
                 total = total + term.weight * value
         for extra in self.losses:  # the student's regularisation losses
-            extra = self._aggregate_additional_loss(ops.cast(extra, "float32"))
+            # Summed and scaled for replicas, as Keras' TensorFlow trainer does.
+            extra = scale_for_replicas(ops.sum(ops.cast(extra, "float32")))
             total = total + extra
         return total
 

@@ -18,16 +18,9 @@ Example:
 import math
 
 import keras
-from keras.src.losses.loss import scale_loss_for_distribution
 
 from keras_gramkd import ops as kd_ops
-
-
-def scale_for_replicas(loss):
-    """`loss` divided by the replicas in sync under `tf.distribute`, as Keras
-    divides every loss it reduces (identity on one device and other backends).
-    """
-    return scale_loss_for_distribution(loss)
+from keras_gramkd.replicas import scale_for_replicas
 
 
 def check_temperature(temperature):

@@ -52,7 +52,7 @@ import keras
 from keras import ops
 
 from keras_gramkd import ops as kd_ops
-from keras_gramkd.losses import scale_for_replicas
+from keras_gramkd.replicas import scale_for_replicas
 from keras_gramkd.terms import DistillationTerm, ModalityTerm, check_weight
 
 

@@ -51,12 +51,8 @@ from keras import ops
 from keras_gramkd import ops as kd_ops
 from keras_gramkd.features import as_feature
 from keras_gramkd.layers import stack_modalities
-from keras_gramkd.losses import (
-    LogitKD,
-    ModalityGram,
-    check_temperature,
-    scale_for_replicas,
-)
+from keras_gramkd.losses import LogitKD, ModalityGram, check_temperature
+from keras_gramkd.replicas import scale_for_replicas
 
 TARGET_PREFIX = "teacher/"
 """Batch keys of cached teacher targets: `TARGET_PREFIX + term + "/" + key`."""
