@@ -125,30 +125,57 @@ def _and(a, b):
 
 
 def _class_range(loss):
-    """(True, ignore_class) when `loss` is sparse categorical cross-entropy,
-    the one compiled loss whose labels are class indices; else (False, None)."""
-    if isinstance(loss, str):
-        try:
-            loss = keras.losses.get(loss)
-        except ValueError:
-            return False, None
+    """(True, ignore_class) when the task loss (a `keras.losses.Loss`) is sparse
+    categorical cross-entropy, the one loss whose labels are class indices;
+    else (False, None)."""
     if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
         return True, loss.get_config().get("ignore_class")
-    if loss is keras.losses.sparse_categorical_crossentropy:
-        return True, None
+    if getattr(loss, "fn", None) is keras.losses.sparse_categorical_crossentropy:
+        return True, None  # the function, wrapped as compile wraps it
     return False, None
 
 
-def _per_sample_fn(loss):
-    """The unreduced form of a single compiled loss, or None (dicts, lists)."""
-    if isinstance(loss, str):
-        try:
-            loss = keras.losses.get(loss)
-        except ValueError:
-            return None
-    if isinstance(loss, keras.losses.Loss):
-        return loss.call
-    return loss if callable(loss) else None
+def _task_loss_object(loss):
+    """The compiled task loss as one `keras.losses.Loss`, or None.
+
+    The student has one output, so the task loss is one loss (a list of one
+    is unwrapped). A function or a function's name is wrapped in a `Loss`, as
+    Keras' `compile` wraps it.
+    """
+    if isinstance(loss, (list, tuple)) and len(loss) == 1:
+        loss = loss[0]
+    if loss is None or isinstance(loss, keras.losses.Loss):
+        return loss
+    if isinstance(loss, (dict, list, tuple)):
+        raise ValueError(
+            "The Distiller's student has one output, so compile takes one task "
+            f"loss; got {loss!r}. Pass one loss, e.g. "
+            "keras.losses.SparseCategoricalCrossentropy(from_logits=True)."
+        )
+    if str(loss).lower() in ("crossentropy", "ce"):
+        raise ValueError(
+            f"loss={loss!r} leaves the kind of cross-entropy to be guessed from "
+            "the labels' shape; name it: 'sparse_categorical_crossentropy' "
+            "(integer labels), 'categorical_crossentropy' (one-hot) or "
+            "'binary_crossentropy' (one unit), or pass a keras.losses.Loss."
+        )
+    function = keras.losses.get(loss)
+    if isinstance(function, keras.losses.Loss):
+        return function
+    name = loss if isinstance(loss, str) else getattr(function, "__name__", None)
+    return _FunctionLoss(function, name=name)
+
+
+class _FunctionLoss(keras.losses.Loss):
+    """A loss function `fn(y_true, y_pred)` as a `keras.losses.Loss` (Keras'
+    own wrapper is not public): its reduction, weights and masks are Keras'."""
+
+    def __init__(self, fn, name=None):
+        super().__init__(name=name)
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
 
 
 def _valid_labels(y, n_classes, ignore_class=None):
@@ -559,6 +586,7 @@ class Distiller(keras.Model):
         self.skipped_samples_tracker = keras.metrics.Sum(name="skipped_samples")
         self._forward_cache = _ForwardCache()
         self._ok_cache = _ForwardCache()
+        self._task_loss_fn = None  # set by compile
         # One instance: a layer made inside a step breaks torch.compile and
         # costs a layer construction per step.
         self._skipped_rows = _SkippedRows(name="skipped_rows")
@@ -613,6 +641,25 @@ class Distiller(keras.Model):
                 n_modalities = n_modalities or s_shapes[spec.address][1]
         if self._student.mask_path is not None:
             self._student.check_mask(n_modalities)
+
+    def compile(self, optimizer="rmsprop", loss=None, *args, **kwargs):
+        """`keras.Model.compile`; `loss` is the task loss on the student's
+        logits (one loss: the student has one output), weighed by
+        `task_weight` (so `loss_weights` is refused)."""
+        if kwargs.get("loss_weights") is not None:
+            raise ValueError(
+                "The Distiller weighs its task loss by task_weight; build it with "
+                "task_weight=... instead of passing loss_weights to compile."
+            )
+        self._task_loss_fn = _task_loss_object(loss)
+        super().compile(optimizer, loss, *args, **kwargs)
+
+    def compile_from_config(self, config):
+        """Compiles from a saved file's config, as `keras.Model` does for
+        models that keep its `compile` (Keras skips models that override it)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def fit(
         self,
@@ -744,7 +791,7 @@ class Distiller(keras.Model):
             teacher = None
             ok = _and(ok, _finite_samples(cached))
         if task:
-            per_sample = _per_sample_fn(self.loss)
+            per_sample = getattr(self._task_loss_fn, "call", None)  # unreduced
             if per_sample is not None:
                 labels = ops.cast(_where_samples(ok, y), y_pred.dtype)  # as Loss does
                 values = per_sample(labels, _where_samples(ok, y_pred))
@@ -806,7 +853,7 @@ class Distiller(keras.Model):
             ok = _and(ok, _finite_samples(self._teacher.select_inputs(x)))
         ok = _and(ok, self._mask_values_ok(x))
         if self.task_weight > 0 and y is not None:
-            is_sparse, ignore_class = _class_range(self.loss)
+            is_sparse, ignore_class = _class_range(self._task_loss_fn)
             n_classes = y_pred.shape[-1] if is_sparse else None
             ok = _and(ok, _valid_labels(y, n_classes, ignore_class))
         if sample_weight is not None:
@@ -853,7 +900,7 @@ class Distiller(keras.Model):
                 "The batch has no labels, but task_weight > 0. Give (x, y) "
                 "batches, or set task_weight=0 to learn from the teacher only."
             )
-        if self._compile_loss is None:
+        if self._task_loss_fn is None:
             raise ValueError(
                 "task_weight > 0 needs a task loss: compile(loss=...), for "
                 "example keras.losses.SparseCategoricalCrossentropy("
@@ -862,7 +909,7 @@ class Distiller(keras.Model):
         # A copy: with a masked loss (ignore_class) Keras' apply_mask does
         # `sample_weight *= mask`, in place on PyTorch, which would reweigh
         # the terms that follow.
-        return self._compile_loss(
+        return self._task_loss_fn(
             _where_samples(ok, y), y_pred, ops.copy(sample_weight)
         )
 

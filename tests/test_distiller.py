@@ -380,3 +380,30 @@ def test_jit_compile_true_gives_the_eager_losses():
     for key in ("loss", "task_loss", "kd_loss", "gram_loss"):
         for eager_log, compiled_log in zip(logs[0], logs[1], strict=True):
             assert compiled_log[key] == pytest.approx(eager_log[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss": "ce"}, "name it: 'sparse_categorical_crossentropy'"),
+        ({"loss": ["mse", "mae"]}, "compile takes one task loss"),
+        ({"loss": "mse", "loss_weights": [2.0]}, "task_weight=... instead"),
+    ],
+)
+def test_compile_takes_one_named_task_loss(kwargs, match):
+    distiller = Distiller(make_net("t", 8), make_net("s", 4), gram_weight=0)
+    with pytest.raises(ValueError, match=match):
+        distiller.compile("adam", **kwargs)
+
+
+def test_a_loss_given_by_name_has_its_labels_checked_as_classes():
+    # compile(loss="sparse_categorical_crossentropy") wraps Keras' function as
+    # compile does, and the Distiller still knows its labels are classes.
+    x, y = make_data(n=16)
+    y[0] = 7  # not one of the 3 classes
+    distiller = Distiller(
+        make_net("t", 8), make_net("s", 4), gram_weight=0, on_bad_sample="skip"
+    )
+    distiller.compile("adam", "sparse_categorical_crossentropy")
+    logs = distiller.evaluate(x, y, return_dict=True, verbose=0)
+    assert logs["skipped_samples"] == 1 and np.isfinite(logs["task_loss"])
