@@ -197,13 +197,13 @@ def _valid_labels(y, n_classes, ignore_class=None):
     return ops.all(ok, axis=axes) if axes else ok
 
 
-def _where_samples(ok, tensor):
-    """`tensor` with the samples where `ok` is False replaced by zeros."""
+def _where_samples(ok, tensor, fill=0.0):
+    """`tensor` with the samples where `ok` is False replaced by `fill`."""
     if len(tensor.shape) == 0:
         return tensor
     shape = (-1,) + (1,) * (len(tensor.shape) - 1)
     keep = ops.reshape(ok, shape)
-    return ops.where(keep, tensor, ops.zeros_like(tensor))
+    return ops.where(keep, tensor, ops.full_like(tensor, fill))
 
 
 def _is_float_tensor(value):
@@ -586,7 +586,7 @@ class Distiller(keras.Model):
         self.skipped_samples_tracker = keras.metrics.Sum(name="skipped_samples")
         self._forward_cache = _ForwardCache()
         self._ok_cache = _ForwardCache()
-        self._task_loss_fn = None  # set by compile
+        self._task_loss_fn = self._task_loss_given = None  # set by compile
         # One instance: a layer made inside a step breaks torch.compile and
         # costs a layer construction per step.
         self._skipped_rows = _SkippedRows(name="skipped_rows")
@@ -652,7 +652,18 @@ class Distiller(keras.Model):
                 "task_weight=... instead of passing loss_weights to compile."
             )
         self._task_loss_fn = _task_loss_object(loss)
-        super().compile(optimizer, loss, *args, **kwargs)
+        self._task_loss_given = loss
+        # Keras itself gets no loss: compute_loss applies the task loss, and a
+        # compiled loss Keras never calls would stay unbuilt and cost a
+        # symbolic build at every fit.
+        super().compile(optimizer, None, *args, **kwargs)
+
+    def get_compile_config(self):
+        """`keras.Model.get_compile_config`, with the task loss given."""
+        config = super().get_compile_config()
+        if config is not None:
+            config["loss"] = keras.saving.serialize_keras_object(self._task_loss_given)
+        return config
 
     def compile_from_config(self, config):
         """Compiles from a saved file's config, as `keras.Model` does for
@@ -794,7 +805,9 @@ class Distiller(keras.Model):
             per_sample = getattr(self._task_loss_fn, "call", None)  # unreduced
             if per_sample is not None:
                 labels = ops.cast(_where_samples(ok, y), y_pred.dtype)  # as Loss does
-                values = per_sample(labels, _where_samples(ok, y_pred))
+                values = per_sample(
+                    labels, _where_samples(ok, y_pred, fill=1.0 / y_pred.shape[-1])
+                )
                 ok = ops.logical_and(ok, _finite_rows(values))
 
         self.skipped_samples_tracker.update_state(
@@ -802,7 +815,9 @@ class Distiller(keras.Model):
         )
         self._ok_cache.put(y_pred, ok)
         x = _zero_bad_samples(x, ok)
-        y_pred = _where_samples(ok, y_pred)
+        # 1/C, not 0: a skipped row must give a finite loss even where the
+        # task loss takes probabilities (0/0 in a from_logits=False CE).
+        y_pred = _where_samples(ok, y_pred, fill=1.0 / y_pred.shape[-1])
         keep = ops.cast(ok, "float32")
         sample_weight = (
             keep if sample_weight is None else _where_samples(ok, sample_weight)
