@@ -83,7 +83,9 @@ def test_step_time_targets_and_gram_cost(step_time):
         assert target["ratio"] is None or _positive(target["ratio"])
         assert target["met"] in (True, False, None)
     assert all(_positive(cost["ratio"]) for cost in case["gram_cost"].values())
-    assert _positive(case["gram_term_alone_ms"])
+    # A difference of two timings (Gram loss minus a trivial loss): at the quick
+    # sizes it is within timing noise and may come out negative under load.
+    assert math.isfinite(case["gram_term_alone_ms"])
 
 
 def test_scaling_reports_every_point(tmp_path):
@@ -93,8 +95,9 @@ def test_scaling_reports_every_point(tmp_path):
     assert [p["M"] for p in points] == [2, 4]
     for point in points:
         assert point["batch_M2_d"] == point["batch"] * point["M"] ** 2 * point["d"]
-        for key in ("kd_gram_step_ms", "kd_only_step_ms", "gram_term_alone_ms"):
+        for key in ("kd_gram_step_ms", "kd_only_step_ms"):
             assert _positive(point[key]), key
+        assert math.isfinite(point["gram_term_alone_ms"])  # a difference of timings
         assert _positive(point["peak_rss_mib"])
         assert point["peak_rss_over_build_mib"] >= 0
         assert point["student_forwards_executed"] == 1
