@@ -170,6 +170,32 @@ def _compare(teacher, data, cfg, methods, progress):
     )
 
 
+def _model_summaries(teacher, teacher_time, student, data):
+    return {
+        "teacher": {
+            "params": int(teacher.count_params()),
+            "size_bytes": _model_size(teacher),
+            "train_time_s": teacher_time,
+        },
+        "student": {
+            "params": int(student.count_params()),
+            "size_bytes": _model_size(student),
+            "fusion": data.fusion,
+        },
+    }
+
+
+def _write_figures(out, teacher, result, data, cfg):
+    """gram.png (the main Gram method, else kd), curves.png, paired.png;
+    returns the method shown in gram.png."""
+    method = main_gram(data.fusion)
+    method = method if method in result.methods else "kd"
+    _plot_grams(out, teacher, result, data, cfg, method)
+    report.plot_curves(out, result)
+    result.plot(os.path.join(out, "paired.png"))
+    return method
+
+
 def _plot_grams(out, teacher, result, data, cfg, method):
     """gram.png for `method`'s best seed."""
     views, normalize = cfg["views"], cfg["gram_normalize"]
@@ -291,11 +317,7 @@ def run_study(
         best = report.best_run(result, data.headline)
         student = result.students[best]
         student.save(os.path.join(out, "student.keras"))
-        gram_method = main_gram(data.fusion)
-        gram_method = gram_method if gram_method in result.methods else "kd"
-        _plot_grams(out, teacher, result, data, cfg, gram_method)
-        report.plot_curves(out, result)
-        result.plot(os.path.join(out, "paired.png"))
+        gram_method = _write_figures(out, teacher, result, data, cfg)
         progress.advance("files written")
 
     results = {
@@ -303,16 +325,7 @@ def run_study(
         "backend": keras.backend.backend(),
         "keras_version": keras.__version__,
         "data": report.data_summary(data, views),
-        "teacher": {
-            "params": int(teacher.count_params()),
-            "size_bytes": _model_size(teacher),
-            "train_time_s": teacher_time,
-        },
-        "student": {
-            "params": int(student.count_params()),
-            "size_bytes": _model_size(student),
-            "fusion": data.fusion,
-        },
+        **_model_summaries(teacher, teacher_time, student, data),
         "study": result.to_dict(),
         "headline": data.headline,
         "skipped_controls": skipped,
