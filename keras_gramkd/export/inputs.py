@@ -250,8 +250,11 @@ def _sublayers(layer):
     """The layers directly inside `layer`: `Model.layers`, or its layer attributes."""
     if isinstance(layer, keras.Model):
         return list(layer.layers)
+    attributes = list(vars(layer).items())
+    if hasattr(layer, "named_children"):  # torch keeps sub-modules out of vars()
+        attributes += list(layer.named_children())
     found = []
-    for name, value in vars(layer).items():
+    for name, value in attributes:
         if name.startswith("_"):
             continue
         items = value.values() if isinstance(value, Mapping) else value
@@ -267,7 +270,9 @@ def all_layers(model):
     """`model` and every layer inside it, nested models and custom layers included.
 
     Walks `Model.layers` and, for other layers, the layers they hold as public
-    attributes (alone, or in a list, tuple or dict), as Keras tracks them.
+    attributes (alone, or in a list, tuple or dict), as Keras tracks them; on
+    the torch backend a layer is a `torch.nn.Module`, which keeps its
+    sub-modules apart (`named_children`).
     """
     found, seen, stack = [], set(), [model]
     while stack:

@@ -140,6 +140,20 @@ def _write_files(model, fmts, quants, export_dir, stem, calibration, int8_io):
     return plan
 
 
+def _verify_files(plan, model, samples, latency_runs, export_dir):
+    """Runs every planned file in its runtime; returns the `ExportReport`."""
+    rows = [
+        verify_artifact(out, model, samples, q, latency_runs=latency_runs, path=path)
+        for _, q, out, path in plan
+    ]
+    return ExportReport(
+        rows=rows,
+        backend=keras.backend.backend(),
+        num_samples=len(next(iter(samples.values()))),
+        export_dir=str(export_dir),
+    )
+
+
 def export_student(
     student,
     export_dir,
@@ -218,16 +232,7 @@ def export_student(
     export_dir.mkdir(parents=True, exist_ok=True)
     stem = name or model.name or "student"
     plan = _write_files(model, fmts, quants, export_dir, stem, calibration, int8_io)
-    rows = [
-        verify_artifact(out, model, samples, q, latency_runs=latency_runs, path=path)
-        for _, q, out, path in plan
-    ]
-    report = ExportReport(
-        rows=rows,
-        backend=keras.backend.backend(),
-        num_samples=len(next(iter(samples.values()))),
-        export_dir=str(export_dir),
-    )
+    report = _verify_files(plan, model, samples, latency_runs, export_dir)
     if check and not report.ok:
         raise ExportVerificationError(report)
     return report

@@ -119,6 +119,25 @@ def _teacher(path, views, data, epochs, overwrite, console):
     return teacher
 
 
+def _teacher_for(args, views, directory, data, console):
+    """The trained (or reused) teacher, its clean test accuracy printed."""
+    from keras_gramkd import demo
+
+    teacher = _teacher(
+        os.path.join(directory, "teacher.keras"),
+        views,
+        data["teacher_train"],
+        args.teacher_epochs,
+        args.overwrite,
+        console,
+    )
+    teacher_test = demo.load_study_data(views=views, setting="clean")["teacher_test"]
+    console.print(
+        f"Teacher test accuracy (clean views): {_accuracy(teacher, teacher_test):.4f}"
+    )
+    return teacher
+
+
 def _jit():
     # XLA compilation on CPU costs more than it saves on these small models.
     return False if keras.backend.backend() == "tensorflow" else "auto"
@@ -293,18 +312,7 @@ def run_tune(args):
     )
     keras.utils.set_random_seed(args.seed)
     data = _tune_data(views, args.setting, args.seed)
-    teacher = _teacher(
-        os.path.join(directory, "teacher.keras"),
-        views,
-        data["teacher_train"],
-        args.teacher_epochs,
-        args.overwrite,
-        console,
-    )
-    teacher_test = demo.load_study_data(views=views, setting="clean")["teacher_test"]
-    console.print(
-        f"Teacher test accuracy (clean views): {_accuracy(teacher, teacher_test):.4f}"
-    )
+    teacher = _teacher_for(args, views, directory, data, console)
     dims = {v: data["train"][0][v].shape[1] for v in views}
     hypermodel = _hypermodel(teacher, views, dims, args.setting)
     tuner = make_tuner(
