@@ -14,7 +14,15 @@ import sys
 import keras
 import numpy as np
 
+from keras_gramkd import zoo
 from keras_gramkd.console import make_console, new_table
+from keras_gramkd.demo.settings import (
+    NOISE_STD,
+    TEST_NOISE_SEED,
+    add_fixed_noise,
+    load_setting,
+)
+from keras_gramkd.demo.study import DEFAULTS
 from keras_gramkd.tuning.search import (
     TUNERS,
     best_with_and_without_gram,
@@ -83,58 +91,45 @@ def _take(x, y, idx):
 
 def _tune_data(views, setting, seed):
     """Teacher data, student train / validation (20 % held out) and test splits."""
-    from keras_gramkd import demo
-
-    data = demo.load_study_data(views=views, setting=setting)
-    x, y = data["student_train"]
+    data = load_setting(setting, views=views)
+    x, y = data.student_train
     train_idx, val_idx = _stratified_split(y, 0.2, seed)
     x_val, y_val = _take(x, y, val_idx)
     if setting == "noisy":  # fixed noise, like the study's noisy test split
-        x_val = demo.add_fixed_noise(x_val, demo.TEST_NOISE_SEED + 1)
+        x_val = add_fixed_noise(x_val, TEST_NOISE_SEED + 1)
     return {
-        "teacher_train": data["teacher_train"],
+        "teacher_train": data.teacher_train,
+        "teacher_test": data.teacher_test,
         "train": _take(x, y, train_idx),
         "val": (x_val, y_val),
-        "test": data["student_test"],
+        "test": data.student_test,
     }
 
 
-def _teacher(path, views, data, epochs, overwrite, console):
-    from keras_gramkd import demo
+def _teacher(args, views, directory, data, console):
+    """The teacher: reused from `directory`, or trained and saved there.
 
-    if os.path.exists(path) and not overwrite:
+    Prints its test accuracy on the clean views.
+    """
+    path = os.path.join(directory, "teacher.keras")
+    if os.path.exists(path) and not args.overwrite:
         console.print(f"Teacher: reusing {path}")
-        return keras.saving.load_model(path, compile=False)
-    x, y = data
-    teacher = demo.build_teacher({v: x[v].shape[1] for v in views})
-    teacher.compile(
-        keras.optimizers.Adam(demo.TEACHER_LEARNING_RATE),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=_jit(),
-    )
-    with console.status(f"Training the teacher ({epochs} epochs)..."):
-        teacher.fit(x, y, epochs=epochs, batch_size=demo.BATCH_SIZE, verbose=0)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    teacher.save(path)
-    return teacher
-
-
-def _teacher_for(args, views, directory, data, console):
-    """The trained (or reused) teacher, its clean test accuracy printed."""
-    from keras_gramkd import demo
-
-    teacher = _teacher(
-        os.path.join(directory, "teacher.keras"),
-        views,
-        data["teacher_train"],
-        args.teacher_epochs,
-        args.overwrite,
-        console,
-    )
-    teacher_test = demo.load_study_data(views=views, setting="clean")["teacher_test"]
-    console.print(
-        f"Teacher test accuracy (clean views): {_accuracy(teacher, teacher_test):.4f}"
-    )
+        teacher = keras.saving.load_model(path, compile=False)
+    else:
+        x, y = data["teacher_train"]
+        teacher = zoo.build_teacher({v: x[v].shape[1] for v in views})
+        teacher.compile(
+            keras.optimizers.Adam(zoo.TEACHER_LEARNING_RATE),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=_jit(),
+        )
+        epochs = args.teacher_epochs
+        with console.status(f"Training the teacher ({epochs} epochs)..."):
+            teacher.fit(x, y, epochs=epochs, batch_size=zoo.BATCH_SIZE, verbose=0)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        teacher.save(path)
+    accuracy = _accuracy(teacher, data["teacher_test"])
+    console.print(f"Teacher test accuracy (clean views): {accuracy:.4f}")
     return teacher
 
 
@@ -185,9 +180,7 @@ def _trials_table(console, trials, hypermodel, objective, epochs):
 
 def _check_args(args):
     """The views to use; raises ValueError for a bad option."""
-    from keras_gramkd import demo
-
-    views = demo._check_views(
+    views = zoo.check_views(
         [v for item in args.views for v in item.split(",") if v] if args.views else None
     )
     for name in ("trials", "epochs", "teacher_epochs"):
@@ -197,16 +190,15 @@ def _check_args(args):
 
 
 def _hypermodel(teacher, views, dims, setting, search_space=None):
-    """A `DistillerHyperModel` over the demo's student for `views`."""
-    from keras_gramkd import demo
+    """A `DistillerHyperModel` over the reference student for `views`."""
     from keras_gramkd.tuning.hypermodel import DistillerHyperModel
 
-    noise = demo.NOISE_STD if setting == "noisy" else 0.0
+    noise = NOISE_STD if setting == "noisy" else 0.0
     return DistillerHyperModel(
         teacher,
-        lambda hp: demo.build_student(dims, noise_std=noise),
-        teacher_modalities={v: f"t_{v}" for v in views},
-        student_modalities={v: f"s_{v}" for v in views},
+        lambda hp: zoo.build_student(dims, noise_std=noise),
+        teacher_modalities=zoo.view_addresses("t", views),
+        student_modalities=zoo.view_addresses("s", views),
         search_space=search_space,
         jit_compile=_jit(),
     )
@@ -214,14 +206,12 @@ def _hypermodel(teacher, views, dims, setting, search_space=None):
 
 def _demo_defaults():
     """The demo's loss settings, as a fixed search space."""
-    from keras_gramkd import demo
-
     return {
         "task_weight": 1.0,
-        "kd_weight": demo.DEFAULTS["kd_weight"],
-        "gram_weight": demo.DEFAULTS["gram_weight"],
-        "temperature": demo.DEFAULTS["temperature"],
-        "learning_rate": demo.STUDENT_LEARNING_RATE,
+        "kd_weight": DEFAULTS["kd_weight"],
+        "gram_weight": DEFAULTS["gram_weight"],
+        "temperature": DEFAULTS["temperature"],
+        "learning_rate": zoo.STUDENT_LEARNING_RATE,
     }
 
 
@@ -294,8 +284,6 @@ def _print_conclusion(console, hypermodel, trials, objective, n_val, epochs):
 
 def run_tune(args):
     """Runs `gramkd tune` from parsed arguments; returns the exit code."""
-    from keras_gramkd import demo
-
     console = make_console()
     try:
         import_keras_tuner()
@@ -312,7 +300,7 @@ def run_tune(args):
     )
     keras.utils.set_random_seed(args.seed)
     data = _tune_data(views, args.setting, args.seed)
-    teacher = _teacher_for(args, views, directory, data, console)
+    teacher = _teacher(args, views, directory, data, console)
     dims = {v: data["train"][0][v].shape[1] for v in views}
     hypermodel = _hypermodel(teacher, views, dims, args.setting)
     tuner = make_tuner(
@@ -328,7 +316,7 @@ def run_tune(args):
     fit_kwargs = dict(
         validation_data=data["val"],
         epochs=args.epochs,
-        batch_size=demo.BATCH_SIZE,
+        batch_size=zoo.BATCH_SIZE,
         verbose=0,
     )
     with console.status(f"Searching ({args.tuner}) in {directory} ..."):
