@@ -19,9 +19,12 @@ MEASURES = {"accuracy": "test accuracy", "dropped": "accuracy with one view miss
 
 
 class Progress:
-    """A rich progress bar over the study's runs (silent when not verbose)."""
+    """A rich progress bar over the study's runs on a terminal, a line per
+    run when piped (silent when not verbose)."""
 
     def __init__(self, console, verbose, total):
+        self._lines = verbose and not console.is_terminal
+        self._console, self._done, self._total = console, 0, total
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -37,7 +40,7 @@ class Progress:
             TimeElapsedColumn(),
             TextColumn("{task.fields[metrics]}"),
             console=console,
-            disable=not verbose,
+            disable=not verbose or self._lines,
         )
         self._task = self._bar.add_task("study", total=total, metrics="")
 
@@ -50,6 +53,9 @@ class Progress:
 
     def advance(self, message):
         self._bar.update(self._task, advance=1, metrics=message)
+        self._done += 1
+        if self._lines:
+            self._console.print(f"[{self._done}/{self._total}] {message}")
 
     def run_done(self, method, seed, accuracy):
         self.advance(f"{method} seed {seed}: accuracy {accuracy:.3f}")
