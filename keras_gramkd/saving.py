@@ -12,7 +12,10 @@ the old file or the new one, never a mix.
 `keras.callbacks.ModelCheckpoint` and `keras.callbacks.BackupAndRestore` write
 the Distiller's files atomically. `AtomicBackupAndRestore` also writes the
 callback's small JSON of epoch and batch atomically, and its weights for any
-model.
+model. It relies on private `BackupAndRestore` attributes (listed in
+`BACKUP_AND_RESTORE_PRIVATE_NAMES`; no public API exists), kept in the last
+section of this module; `keras_gramkd.replicas` holds the package's only other
+reach inside Keras.
 
 Example:
 
@@ -158,6 +161,30 @@ def stray_temporary_files(directory):
     )
 
 
+# ----------------------------------------------------------------------------
+# Private Keras names: every private BackupAndRestore name used is in this section.
+#
+# `AtomicBackupAndRestore` must change how `keras.callbacks.BackupAndRestore`
+# writes its files, and Keras offers no public way to: the callback takes no
+# writer or file-system argument, its file paths and its epoch/batch counters are
+# private attributes, and its one writing method is the private `_save_model`.
+# Rewriting the callback instead would need the private `model._initial_epoch`
+# to resume, so the subclass overrides `_save_model` and reads the names below.
+# `tests/test_saving.py` fails, naming the attribute, if a Keras release renames
+# one of them.
+
+BACKUP_AND_RESTORE_PRIVATE_NAMES = {
+    "_save_model": "the method Keras calls to write a backup (overridden)",
+    "_weights_path": "path of latest.weights.h5",
+    "_prev_weights_path": "path of latest.weights.h5.bkp (double_checkpoint)",
+    "_training_metadata_path": "path of training_metadata.json",
+    "_prev_training_metadata_path": "path of training_metadata.json.bkp",
+    "_current_epoch": "the epoch written to the JSON",
+    "_last_batch_seen": "the batch written to the JSON",
+}
+"""Private `BackupAndRestore` names `AtomicBackupAndRestore` relies on, and why."""
+
+
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` whose every file is written atomically.
 
@@ -167,7 +194,8 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     `double_checkpoint=True` in place. A kill during the JSON write leaves an
     empty JSON that the next `fit` cannot parse. This subclass writes all of
     them with `atomic_save`, for any model; arguments and behaviour are
-    otherwise Keras' own.
+    otherwise Keras' own. It relies on the private names listed in
+    `BACKUP_AND_RESTORE_PRIVATE_NAMES` (no public API exists for this).
     """
 
     def _save_model(self):

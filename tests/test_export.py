@@ -19,6 +19,9 @@ import numpy as np
 import pytest
 
 from keras_gramkd import export as gx
+from keras_gramkd.export.convert import in_process_supported
+from keras_gramkd.export.inputs import all_layers, input_names, input_signature
+from keras_gramkd.export.verify import agreement
 
 INPUTS = ("pix", "fou", "kar")
 REPO = Path(__file__).resolve().parents[1]
@@ -446,7 +449,7 @@ def test_custom_code_the_child_cannot_import_is_named(tmp_path, fmt, what):
         layer = keras.layers.Lambda(lambda x: keras.ops.tanh(x), name="squash")
         named = r"the Lambda layer 'squash', whose lambda reads \['keras'\]"
     model = _tiny(layer)
-    if gx._in_process_supported(fmt):  # Nothing to import: it works.
+    if in_process_supported(fmt):  # Nothing to import: it works.
         report = gx.export_student(
             model, tmp_path, formats=fmt, sample_data=X4, latency_runs=1
         )
@@ -519,6 +522,53 @@ def test_top1_agreement_counts_ties_at_the_files_resolution():
     # row 2: exact agreement.
     keras_out = np.array([[1.00, 1.03, 0.0], [2.0, 0.0, 1.9], [0.0, 0.0, 5.0]])
     file_out = np.array([[1.0, 1.0, 0.0], [1.9, 0.0, 2.0], [0.0, 0.0, 5.0]])
-    agreement, ties = gx._agreement(file_out, keras_out)
-    assert agreement == pytest.approx(2 / 3) and ties == 1
-    assert gx._agreement(keras_out, keras_out) == (1.0, 0)
+    share, ties = agreement(file_out, keras_out)
+    assert share == pytest.approx(2 / 3) and ties == 1
+    assert agreement(keras_out, keras_out) == (1.0, 0)
+
+
+class Stack(keras.layers.Layer):
+    """A custom layer holding its sub-layers in a list and an attribute."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = [keras.layers.Dense(3, name="block0"), keras.layers.Dense(3)]
+        self.head = keras.layers.Dense(2, name="head")
+
+    def call(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_all_layers_finds_nested_models_and_custom_layers():
+    inner_in = keras.Input((4,), name="inner_in")
+    inner = keras.Model(inner_in, Stack(name="stack")(inner_in), name="inner")
+    inputs = keras.Input((4,), name="a")
+    model = keras.Model({"a": inputs}, inner(inputs), name="outer")
+    names = [layer.name for layer in all_layers(model)]
+    assert names[0] == "outer"
+    assert {"inner", "stack", "block0", "head"} <= set(names)
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("structure", ["dict", "list", "single"])
+def test_input_names_and_signature_follow_the_input_structure(structure):
+    a, b = keras.Input((4,), name="a"), keras.Input((2,), name="b")
+    merged = keras.layers.Concatenate()([a, b])
+    if structure == "dict":
+        model = keras.Model({"b": b, "a": a}, merged)
+        assert input_names(model) == ["b", "a"]
+        (signature,) = input_signature(model)
+        assert list(signature) == ["b", "a"]
+        assert signature["a"].shape == (None, 4)
+    elif structure == "list":
+        model = keras.Model([a, b], merged)
+        assert input_names(model) == ["a", "b"]
+        (signature,) = input_signature(model)
+        assert [spec.name for spec in signature] == ["a", "b"]
+    else:
+        model = keras.Model(a, keras.layers.Dense(1)(a))
+        assert input_names(model) == ["a"]
+        (signature,) = input_signature(model)
+        assert signature.shape == (None, 4) and signature.name == "a"

@@ -1,0 +1,76 @@
+"""KerasTuner search over the Distiller's loss weights, temperature and learning rate.
+
+`DistillerHyperModel` is a `keras_tuner.HyperModel`: give it a trained teacher and a
+function that builds a student, and any KerasTuner tuner (`RandomSearch`,
+`BayesianOptimization`, `Hyperband`) searches
+
+    task_weight     fixed at 1
+    kd_weight       uniform in [0, 4]
+    use_gram        True / False: False sets gram_weight = 0, so the search tells
+                    whether the Gram term pays at all on your data
+    gram_weight     log-uniform in [1e-2, 1e2] (only when use_gram is True)
+    temperature     one of 1, 2, 4, 8
+    learning_rate   log-uniform in [1e-4, 1e-2] (Adam)
+
+plus whatever hyperparameters `build_student(hp)` declares. `search_space` fixes a
+value or changes a range.
+
+**The objective is a student metric** (``val_accuracy`` by default), never
+``val_loss``: the Distiller's loss is ``task_weight·task + kd_weight·kd +
+gram_weight·gram``, so its scale is set by the very weights being tuned (a trial with
+gram_weight=0.01 has a smaller loss than one with 100 whatever the student learnt),
+and comparing it across trials ranks weights, not students.
+
+**The teacher is shared**: built and trained once by you, used frozen by every trial,
+never retrained, copied or written to disk by the tuner. KerasTuner checkpoints the
+model at each best epoch with ``model.save_weights``; the models this hypermodel builds
+are `StudentCheckpointDistiller`s, whose ``save_weights``/``load_weights`` cover the
+student only, so each ``trial_*/checkpoint.weights.h5`` is a student checkpoint (load
+it with ``student.load_weights``). ``tuner.get_best_models(1)[0]`` rebuilds the
+Distiller around the shared teacher and loads that checkpoint: its ``.student`` is the
+best trained student.
+
+`keras_tuner` is imported on first use of `DistillerHyperModel` (install it with
+``pip install "keras-gramkd[tune]"``), so importing this package is cheap.
+
+The modules: `space` (the search space), `hypermodel` (`DistillerHyperModel`,
+the one module that imports keras_tuner), `search` (tuners, trials, the
+student-only checkpoints) and `cli` (`gramkd tune`).
+"""
+
+from keras_gramkd.tuning.cli import add_tune_arguments, run_tune
+from keras_gramkd.tuning.search import (
+    FORBIDDEN_OBJECTIVES,
+    TUNE_EXTRA_HINT,
+    TUNERS,
+    StudentCheckpointDistiller,
+    best_with_and_without_gram,
+    completed_trials,
+    make_tuner,
+)
+from keras_gramkd.tuning.space import DEFAULT_SEARCH_SPACE, resolve_search_space
+
+__all__ = [
+    "DEFAULT_SEARCH_SPACE",
+    "FORBIDDEN_OBJECTIVES",
+    "TUNERS",
+    "TUNE_EXTRA_HINT",
+    "DistillerHyperModel",
+    "StudentCheckpointDistiller",
+    "add_tune_arguments",
+    "best_with_and_without_gram",
+    "completed_trials",
+    "make_tuner",
+    "resolve_search_space",
+    "run_tune",
+]
+
+
+def __getattr__(name):
+    # DistillerHyperModel subclasses keras_tuner.HyperModel: its module imports
+    # keras_tuner, so it loads on first use (ImportError naming the extra).
+    if name == "DistillerHyperModel":
+        from keras_gramkd.tuning.hypermodel import DistillerHyperModel
+
+        return DistillerHyperModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
