@@ -37,20 +37,50 @@ def _x(value):
     return "–" if value is None else f"{value:.2f}×"
 
 
+def _spread(value):
+    return "" if value is None else f" ({100 * value:.0f} %)"
+
+
+def _rx(ratio, spread=None):
+    """`1.23×`, with the spread over repeats in parentheses when measured."""
+    return _x(ratio) + ("" if ratio is None else _spread(spread))
+
+
+def _by_jit(data):
+    """{jit_compile setting: {case: entry}}, for old (one setting) files too."""
+    if "jit_compile" in data and isinstance(data["jit_compile"], dict):
+        return {k: v.get("cases", v) for k, v in data["jit_compile"].items()}
+    return {data["settings"].get("jit_compile", "auto"): data["cases"]}
+
+
 def step_time_table(results):
-    headers = ["backend", "case", "(a) ms/step"]
+    """A row per backend, jit_compile setting and case: ratios to (a), each
+    with its spread over repeats ((max - min) / median) in parentheses."""
+    headers = ["backend", "jit_compile", "case", "(a) ms/step"]
     headers += [f"({v})" if len(v) == 1 else v for v in STEP_VARIANTS]
-    headers += ["Gram: (d) / KD-only", "targets met"]
+    headers += ["Gram: (d) / KD-only", "targets met", "largest ms spread"]
     rows = []
     for backend, data in results.items():
-        for name, case in data["cases"].items():
-            variants = case["variants"]
-            met = sum(bool(t["met"]) for t in case["targets"])
-            rows.append(
-                [backend, name, f"{variants['a']['median_step_ms']:.2f}"]
-                + [_x(variants[v].get("ratio_to_a")) for v in STEP_VARIANTS]
-                + [_x(case["gram_cost"]["d"]["ratio"]), f"{met} of 3"]
-            )
+        for setting, cases in _by_jit(data).items():
+            for name, case in cases.items():
+                variants = case["variants"]
+                met = sum(bool(t["met"]) for t in case["targets"])
+                cells = []
+                for v in STEP_VARIANTS:
+                    entry = variants.get(v) or {}
+                    cells.append(
+                        _rx(entry.get("ratio_to_a"), entry.get("ratio_spread"))
+                    )
+                gram = case["gram_cost"]["d"]
+                rows.append(
+                    [backend, setting, name, f"{variants['a']['median_step_ms']:.2f}"]
+                    + cells
+                    + [
+                        _rx(gram["ratio"], gram.get("spread")),
+                        f"{met} of 3",
+                        _spread(case.get("largest_repeat_spread")).strip(" ()") or "–",
+                    ]
+                )
     return _table(headers, rows)
 
 

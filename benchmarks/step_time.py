@@ -108,6 +108,9 @@ def parse_args(argv=None):
         "--repeats", type=int, help="whole measurements (default 3; 1 with --quick)"
     )
     parser.add_argument("--variants", help="comma-separated (default all)")
+    parser.add_argument(
+        "--batch-size", type=int, help="batch size (default: each case's own)"
+    )
     args = parser.parse_args(argv)
     if args.variants:
         picked = comma_choices(parser, args.variants, "", VARIANT_KEYS, "variants")
@@ -130,10 +133,11 @@ def make_case(harness, name, args):
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS[name])
     if name == "synthetic":
         m, d, batch = SYNTHETIC["quick" if args.quick else "full"]
-        return harness.synthetic_case(m, d, batch, steps)
+        return harness.synthetic_case(m, d, args.batch_size or batch, steps)
     return harness.demo_case(
         steps,
         teacher_sized=name == "teacher-sized",
+        batch_size=args.batch_size,
         views=QUICK_VIEWS if args.quick else None,
     )
 
@@ -183,7 +187,11 @@ def run_case(harness, case, args, jit):
         "gram_overhead_ops": _difference(variants, "ops_per_step"),
         "gram_term_alone_ms": harness.gram_term_ms(*shape, d.model.jit_compile),
         "largest_repeat_spread": max(
-            (v["repeat_spread"] or 0.0 for v in variants.values() if v["available"]),
+            (
+                v["repeat_spread"]
+                for v in variants.values()
+                if v["available"] and v["repeat_spread"] is not None
+            ),
             default=None,
         ),
         "gram_flops": harness.gram_flops(*shape),
@@ -325,6 +333,7 @@ def main(argv=None):
                 for name in args.cases
             },
             "jit_compile": args.jit_settings,
+            "batch_size": args.batch_size,
             "threads": args.threads,
             "statistic": "median over repeats of each repeat's median epoch "
             "wall time; ratios: median over repeats of each repeat's ratio; "
@@ -333,7 +342,8 @@ def main(argv=None):
         "jit_compile": {},
     }
     for setting in args.jit_settings:
-        cases = result["jit_compile"][setting] = {}
+        cases = {}
+        result["jit_compile"][setting] = {"cases": cases}
         for name in args.cases:
             print(f"== jit_compile={setting}: {name}", flush=True)
             entry = run_case(
