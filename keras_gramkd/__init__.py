@@ -7,6 +7,9 @@ TensorFlow, JAX and PyTorch backends.
 The public names below load on first use, so `import keras_gramkd` imports
 nothing heavy, and the `gramkd` command can pick the Keras backend before keras
 is imported. Beyond keras and numpy, nothing else is ever imported by the core.
+Once keras is imported, the classes Keras needs to load saved files register
+themselves (`keras_gramkd.registration`), so `keras.saving.load_model` finds a
+saved `Distiller` after `import keras_gramkd`.
 """
 
 import importlib
@@ -93,3 +96,7 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
+
+
+# Saved Distillers and layers load after `import keras_gramkd` (see the module).
+importlib.import_module("keras_gramkd.registration").install()

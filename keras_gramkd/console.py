@@ -39,3 +39,18 @@ def new_table(console, **kwargs):
     if not console.is_terminal:
         kwargs.setdefault("box", box.MARKDOWN)
     return Table(**kwargs)
+
+
+def markdown_table(headers, rows):
+    """A Markdown table of string cells (``|`` escaped).
+
+    >>> print(markdown_table(["a", "b"], [["1", "x|y"]]))
+    | a | b |
+    |---|---|
+    | 1 | x\\|y |
+    """
+
+    def line(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), "|" + "---|" * len(headers), *map(line, rows)])

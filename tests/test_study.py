@@ -122,6 +122,55 @@ def test_measures_match_independent_references(teacher):
     )
 
 
+def test_custom_trainers_teacher_split_steps_and_kept_students(teacher):
+    # A method may be any (teacher, student) -> keras.Model trainer, here
+    # Keras' own Distiller; the teacher may be scored on its own split.
+    x_test, y_test = make_data(40, seed=3)
+    x_teacher = {k: v * 0.0 for k, v in x_test.items()}
+    seen = []
+
+    def keras_distiller(t, s):
+        return keras.distillation.Distiller(
+            teacher=t,
+            student=s,
+            distillation_losses=keras.distillation.LogitsDistillation(temperature=2),
+        )
+
+    result = compare_methods(
+        teacher,
+        _student,
+        make_data(60, seed=2),
+        (x_test, y_test),
+        methods={"kd": [KDTerm()], "keras": keras_distiller},
+        seeds=[3],
+        epochs=2,
+        batch_size=16,
+        steps_per_epoch=5,
+        teacher_test=(x_teacher, y_test),
+        on_run_end=lambda method, seed, acc: seen.append((method, seed, acc)),
+        keep_students=True,
+        jit_compile=False,
+    )
+    assert result.config["steps_per_epoch"] == 5
+    assert [(m, s) for m, s, _ in seen] == [("kd", 3), ("keras", 3)]
+    for method, seed, accuracy in seen:
+        student = result.students[(method, seed)]
+        logits = keras.ops.convert_to_numpy(student(x_test, training=False))
+        assert accuracy == pytest.approx(np.mean(logits.argmax(-1) == y_test))
+        assert result.methods[method].accuracy == [accuracy]
+    assert result.students[("kd", 3)] is not result.students[("keras", 3)]
+    history = result.methods["kd"].histories[0]
+    assert len(history["loss"]) == 2 and "kd_loss" in history
+    assert len(result.methods["keras"].histories[0]["loss"]) == 2
+    teacher_logits = keras.ops.convert_to_numpy(teacher(x_teacher, training=False))
+    assert result.teacher_accuracy == pytest.approx(
+        np.mean(teacher_logits.argmax(-1) == y_test)
+    )
+    again = StudyResult.from_json(result.to_json())
+    assert again.methods["kd"].histories == result.methods["kd"].histories
+    assert again.students == {}
+
+
 def test_paired_statistics_match_numpy():
     values, reference = [0.91, 0.88, 0.90, 0.86], [0.90, 0.89, 0.87, 0.86]
     p = paired_difference(values, reference)

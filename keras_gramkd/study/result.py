@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from keras_gramkd.console import markdown_table
 from keras_gramkd.study.stats import mean_sd, paired_difference
 
 
@@ -35,15 +36,16 @@ class MethodResult:
         gram_gap: mean |G_teacher - G_student| per seed (empty if not measured).
         train_time_s: wall time of `fit` per seed.
         params: the student's parameter count.
+        histories: the `fit` history (dict name -> value per epoch) per seed.
     """
 
     def __init__(self, name):
         self.name = name
         self.seeds, self.accuracy, self.gram_gap, self.train_time_s = [], [], [], []
-        self.dropped = {}
+        self.dropped, self.histories = {}, []
         self.params = None
 
-    def add(self, seed, report, gram_gap, seconds, params):
+    def add(self, seed, report, gram_gap, seconds, params, history=None):
         """Records one run (`report` is a `RobustnessReport` of its student)."""
         self.seeds.append(int(seed))
         self.accuracy.append(float(report.accuracy))
@@ -53,6 +55,9 @@ class MethodResult:
             self.gram_gap.append(float(gram_gap))
         self.train_time_s.append(float(seconds))
         self.params = int(params)
+        self.histories.append(
+            {k: [float(v) for v in values] for k, values in (history or {}).items()}
+        )
 
     @property
     def accuracy_mean_sd(self):
@@ -67,6 +72,7 @@ class MethodResult:
             "gram_gap": self.gram_gap,
             "train_time_s": self.train_time_s,
             "params": self.params,
+            "histories": self.histories,
         }
 
     @classmethod
@@ -75,6 +81,7 @@ class MethodResult:
         for key in ("seeds", "accuracy", "dropped", "gram_gap", "train_time_s"):
             setattr(result, key, data[key])
         result.params = data["params"]
+        result.histories = data.get("histories", [])
         return result
 
 
@@ -86,6 +93,8 @@ class StudyResult:
         reference: the method the others are paired against.
         teacher_accuracy, teacher_dropped, teacher_params: the teacher's.
         config: seeds, epochs, batch size, data sizes, backend.
+        students: dict (method, seed) -> trained student, when
+            `compare_methods` ran with `keep_students=True` (not in the JSON).
     """
 
     def __init__(
@@ -96,6 +105,7 @@ class StudyResult:
         teacher_dropped,
         teacher_params,
         config,
+        students=None,
     ):
         self.methods = methods
         self.reference = reference
@@ -103,6 +113,7 @@ class StudyResult:
         self.teacher_dropped = teacher_dropped
         self.teacher_params = teacher_params
         self.config = config
+        self.students = students or {}
 
     def paired(self, name, measure="accuracy"):
         """`paired_difference` of method `name` against the reference.
@@ -172,19 +183,35 @@ class StudyResult:
             config=data["config"],
         )
 
-    def to_markdown(self):
-        """One row per method: accuracy % mean ± sd, Δ vs the reference mean ±
-        se (points, with the seeds it won), mean accuracy with one modality
-        dropped, |ΔG|, parameters and train time."""
+    def table(self):
+        """(headers, rows) of the result table, cells as strings: one row per
+        method with accuracy % mean ± sd, Δ vs the reference mean ± se
+        (points, and the seeds it won), mean accuracy with one modality
+        dropped and its Δ, |ΔG|, parameters and train time."""
         n = len(self.config["seeds"])
-        lines = [
-            f"| method | acc % (mean ± sd, {n} seeds) | Δ vs {self.reference} "
-            "(points, mean ± se) | better on | one modality dropped % "
-            "| Δ dropped (points) | \\|ΔG\\| | params | train s |",
-            "|---|---|---|---|---|---|---|---|---|",
-            f"| teacher | {100 * self.teacher_accuracy:.2f} | | | "
-            f"{100 * np.mean(list(self.teacher_dropped.values())):.2f} | | 0 | "
-            f"{self.teacher_params:,} | |",
+        headers = [
+            "method",
+            f"acc % (mean ± sd, {n} seeds)",
+            f"Δ vs {self.reference} (points, mean ± se)",
+            "better on",
+            "one modality dropped %",
+            "Δ dropped (points)",
+            "|ΔG|",
+            "params",
+            "train s",
+        ]
+        rows = [
+            [
+                "teacher",
+                f"{100 * self.teacher_accuracy:.2f}",
+                "",
+                "",
+                f"{100 * np.mean(list(self.teacher_dropped.values())):.2f}",
+                "",
+                "0",
+                f"{self.teacher_params:,}",
+                "",
+            ]
         ]
         for name, r in self.methods.items():
             mean, sd = r.accuracy_mean_sd
@@ -197,12 +224,24 @@ class StudyResult:
                 better = f"{p['better']} of {len(p['diffs'])}"
                 d_dropped = _signed(q)
             gap = f"{np.mean(r.gram_gap):.3f}" if r.gram_gap else "n/a"
-            lines.append(
-                f"| {name} | {_pm(mean, sd)} | {delta} | {better} | "
-                f"{100 * np.mean(dropped):.2f} | {d_dropped} | {gap} | "
-                f"{r.params:,} | {np.mean(r.train_time_s):.1f} |"
+            rows.append(
+                [
+                    name,
+                    _pm(mean, sd),
+                    delta,
+                    better,
+                    f"{100 * np.mean(dropped):.2f}",
+                    d_dropped,
+                    gap,
+                    f"{r.params:,}",
+                    f"{np.mean(r.train_time_s):.1f}",
+                ]
             )
-        return "\n".join(lines)
+        return headers, rows
+
+    def to_markdown(self):
+        """The `table` as Markdown."""
+        return markdown_table(*self.table())
 
     def plot(self, path=None):
         """Paired Δ accuracy vs the reference: mean ± se per method, and each

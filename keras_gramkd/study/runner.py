@@ -21,12 +21,15 @@ def _check_methods(methods, reference):
             f"got {methods!r}."
         )
     for name, terms in methods.items():
+        if callable(terms):
+            continue
         if not isinstance(terms, (list, tuple)) or not all(
             isinstance(t, DistillationTerm) for t in terms
         ):
             raise ValueError(
                 f"methods[{name!r}] must be a list of DistillationTerms ([] for "
-                f"labels only); got {terms!r}."
+                "labels only) or a callable (teacher, student) -> keras.Model; "
+                f"got {terms!r}."
             )
     if reference is None:
         return next(iter(methods))
@@ -62,6 +65,15 @@ def _check_split(name, split):
     return x, np.asarray(y)
 
 
+def _trainer(teacher, student, method, distiller_kwargs):
+    """The model that trains `student` by `method` (terms or a callable)."""
+    if callable(method):
+        return method(teacher, student)
+    return Distiller(
+        teacher, student, terms=_fresh_terms(method), **(distiller_kwargs or {})
+    )
+
+
 def compare_methods(
     teacher,
     build_student,
@@ -72,14 +84,19 @@ def compare_methods(
     reference=None,
     epochs=10,
     batch_size=64,
+    steps_per_epoch=None,
     optimizer=None,
     loss=None,
     modalities=None,
     teacher_modalities=None,
     student_modalities=None,
     gram_normalize="l2",
+    teacher_test=None,
     distiller_kwargs=None,
     callbacks=None,
+    on_run_end=None,
+    keep_students=False,
+    jit_compile="auto",
 ):
     """Trains every method on every seed, paired, and returns a `StudyResult`.
 
@@ -94,14 +111,19 @@ def compare_methods(
         build_student: callable `() -> keras.Model`: a fresh student, whose
             layers have the same names on every call (feature addresses name
             them).
-        train: `(x, y)`, x a dict of arrays, y integer labels.
-        test: `(x, y)` for the scores.
-        methods: dict name -> list of `DistillationTerm`s (`[]`: labels only).
-            The terms are copied from their config for each run.
+        train: `(x, y)`, x a dict of arrays, y integer labels (unlabelled rows
+            carry the `ignore_class` of your `loss`).
+        test: `(x, y)` for the students' scores.
+        methods: dict name -> list of `DistillationTerm`s (`[]`: labels only;
+            the terms are copied from their config for each run), or name ->
+            callable `(teacher, student) -> keras.Model` for another trainer
+            (e.g. a `keras.distillation.Distiller`), compiled and fit the same
+            way.
         seeds: a number of seeds (0..n-1) or a list of seeds.
         reference: the method the others are paired against (default: the
             first).
-        epochs, batch_size: training length; an epoch is one pass over `train`.
+        epochs, batch_size: training length; an epoch is one pass over
+            `train`, or `steps_per_epoch` batches if given.
         optimizer: callable `() -> keras.optimizers.Optimizer` (default Adam
             1e-3).
         loss: callable `() -> keras.losses.Loss` for the task (default sparse
@@ -114,9 +136,18 @@ def compare_methods(
             difference between the teacher's and the student's modality Gram
             matrices on `test`. Without them |ΔG| is not measured.
         gram_normalize: the Gram normalisation of the |ΔG| column.
+        teacher_test: `(x, y)` the teacher is scored on, row for row the same
+            samples as `test` (default `test`); e.g. clean inputs where the
+            students are scored on noisy ones.
         distiller_kwargs: more `Distiller` arguments (e.g.
             `student_mask_layer`, `on_bad_sample`).
         callbacks: callable `(method, seed) -> list of keras callbacks`.
+        on_run_end: callable `(method, seed, accuracy)` after each run (for
+            progress display).
+        keep_students: keep the trained students in `result.students`,
+            a dict `(method, seed) -> keras.Model`.
+        jit_compile: passed to `compile` (on CPU, small models often train
+            faster with False on TensorFlow).
 
     Returns:
         A `StudyResult`.
@@ -139,6 +170,11 @@ def compare_methods(
     reference = _check_methods(methods, reference)
     seeds = _seeds(seeds)
     (x, y), (x_test, y_test) = _check_split("train", train), _check_split("test", test)
+    x_teacher, y_teacher = (
+        (x_test, y_test)
+        if teacher_test is None
+        else _check_split("teacher_test", teacher_test)
+    )
     if (teacher_modalities is None) != (student_modalities is None):
         raise ValueError(
             "Give both teacher_modalities and student_modalities for |ΔG|, or neither."
@@ -149,28 +185,27 @@ def compare_methods(
     )
 
     teacher_report = evaluate_robustness(
-        teacher, x_test, y_test, modalities=modalities, pairs=False
+        teacher, x_teacher, y_teacher, modalities=modalities, pairs=False
     )
     teacher_grams = None
     if teacher_modalities is not None:
         teacher_grams = modality_grams(
-            teacher, teacher_modalities, x_test, gram_normalize
+            teacher, teacher_modalities, x_teacher, gram_normalize
         )
     runs = {name: MethodResult(name) for name in methods}
+    students = {}
     for seed in seeds:
         keras.utils.set_random_seed(seed)
         initial = build_student().get_weights()
-        for name, terms in methods.items():
+        for name, method in methods.items():
             keras.utils.set_random_seed(seed)
             student = build_student()
             student.set_weights(initial)
-            distiller = Distiller(
-                teacher, student, terms=_fresh_terms(terms), **(distiller_kwargs or {})
-            )
-            distiller.compile(optimizer(), loss())
+            trainer = _trainer(teacher, student, method, distiller_kwargs)
+            trainer.compile(optimizer(), loss(), jit_compile=jit_compile)
             start = time.perf_counter()
-            distiller.fit(
-                SeededBatches(x, y, batch_size, seed=seed),
+            history = trainer.fit(
+                SeededBatches(x, y, batch_size, steps_per_epoch, seed=seed),
                 epochs=epochs,
                 shuffle=False,
                 verbose=0,
@@ -186,7 +221,13 @@ def compare_methods(
                     student, student_modalities, x_test, gram_normalize
                 )
                 gap = float(np.mean(np.abs(teacher_grams - grams)))
-            runs[name].add(seed, report, gap, seconds, student.count_params())
+            runs[name].add(
+                seed, report, gap, seconds, student.count_params(), history.history
+            )
+            if keep_students:
+                students[(name, seed)] = student
+            if on_run_end is not None:
+                on_run_end(name, seed, report.accuracy)
     return StudyResult(
         methods=runs,
         reference=reference,
@@ -197,9 +238,11 @@ def compare_methods(
             "seeds": seeds,
             "epochs": epochs,
             "batch_size": batch_size,
+            "steps_per_epoch": len(SeededBatches(x, y, batch_size, steps_per_epoch)),
             "n_train": len(y),
             "n_test": len(y_test),
             "gram_normalize": gram_normalize,
             "backend": keras.backend.backend(),
         },
+        students=students,
     )

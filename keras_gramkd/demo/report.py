@@ -1,0 +1,284 @@
+"""The demo's report: progress display, conclusion, tables and figures."""
+
+import os
+
+import keras
+import numpy as np
+
+from keras_gramkd.console import markdown_table, new_table
+from keras_gramkd.demo.settings import (
+    FEW_LABELS_PER_CLASS,
+    MISSING_DROPOUT,
+    SPLIT_SEED,
+    SWAP_PROBABILITY,
+    TEST_NOISE_SEED,
+)
+from keras_gramkd.study import paired_difference
+
+MEASURES = {"accuracy": "test accuracy", "dropped": "accuracy with one view missing"}
+
+
+class Progress:
+    """A rich progress bar over the study's runs on a terminal, a line per
+    run when piped (silent when not verbose)."""
+
+    def __init__(self, console, verbose, total):
+        self._lines = verbose and not console.is_terminal
+        self._console, self._done, self._total = console, 0, total
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        self._bar = RichProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=console,
+            disable=not verbose or self._lines,
+        )
+        self._task = self._bar.add_task("study", total=total, metrics="")
+
+    def __enter__(self):
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._bar.__exit__(*exc)
+
+    def advance(self, message):
+        self._bar.update(self._task, advance=1, metrics=message)
+        self._done += 1
+        if self._lines:
+            self._console.print(f"[{self._done}/{self._total}] {message}")
+
+    def run_done(self, method, seed, accuracy):
+        self.advance(f"{method} seed {seed}: accuracy {accuracy:.3f}")
+
+    def epoch_callback(self, name):
+        """A Keras callback that shows `name`'s epoch and loss."""
+        update = self._bar.update
+        task = self._task
+
+        class _Epochs(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                loss = (logs or {}).get("loss", float("nan"))
+                update(task, metrics=f"{name} epoch {epoch + 1}: loss {loss:.3f}")
+
+        return _Epochs()
+
+
+def headline_values(result, method, measure):
+    """Per-seed values of `measure` ("accuracy" or "dropped") for a method."""
+    runs = result.methods[method]
+    if measure == "accuracy":
+        return list(runs.accuracy)
+    return list(np.mean(list(runs.dropped.values()), axis=0))
+
+
+def best_run(result, measure, only=None):
+    """(method, seed) of the best method by mean `measure`, at its best seed."""
+    names = [only] if only else list(result.methods)
+    method = max(names, key=lambda m: np.mean(headline_values(result, m, measure)))
+    values = headline_values(result, method, measure)
+    return method, result.methods[method].seeds[int(np.argmax(values))]
+
+
+def data_summary(data, views):
+    """What the setting's splits hold (for results.json)."""
+    labels = data.student_train[1]
+    return {
+        "dataset": "UCI multiple features (mfeat), embedded",
+        "setting": data.setting,
+        "views": list(views),
+        "split_seed": SPLIT_SEED,
+        "n_train_teacher": int(len(data.teacher_train[1])),
+        "n_train_student": int(len(labels)),
+        "n_labelled_student": int(np.sum(labels >= 0)),
+        "n_test": int(len(data.student_test[1])),
+        "noise_std": data.student_noise,
+        "test_noise_seed": TEST_NOISE_SEED if data.student_noise else None,
+        "few_labels_per_class": FEW_LABELS_PER_CLASS if data.has_unlabelled else None,
+        "swap_probability": SWAP_PROBABILITY if data.setting == "unreliable" else None,
+        "modality_dropout": MISSING_DROPOUT if data.modality_dropout else None,
+        "student_fusion": data.fusion,
+        "headline": data.headline,
+    }
+
+
+def _verdict(p):
+    if len(p["diffs"]) < 2:
+        return "one seed cannot tell"
+    if p["mean"] - 2 * p["se"] > 0:
+        return "helped"
+    if p["mean"] + 2 * p["se"] < 0:
+        return "hurt"
+    return "within seed noise"
+
+
+def _points(p):
+    se = "n/a" if not np.isfinite(p["se"]) else f"{100 * p['se']:.2f}"
+    return f"{100 * p['mean']:+.2f} ± {se}"
+
+
+def conclusion(result, data, gram):
+    """Plain words on the paired differences to KD, in the headline measure."""
+    measure = data.headline
+    n = len(result.config["seeds"])
+    others = [m for m in result.methods if m not in (result.reference, "labels")]
+    if not others:
+        return "Only labels and KD ran: no term to judge."
+    paired = {m: result.paired(m, measure) for m in others}
+    parts = [
+        f"On the {data.setting} setting ({MEASURES[measure]}, paired over "
+        f"{n} seed(s), mean ± standard error, a difference counted when it "
+        "is beyond 2 standard errors):"
+    ]
+    if gram in paired:
+        p = paired[gram]
+        parts.append(
+            f"adding the modality Gram term ({gram}) to logit KD changed it by "
+            f"{_points(p)} points ({_verdict(p)}; better on {p['better']} of "
+            f"{len(p['diffs'])} seeds)."
+        )
+        for control in ("batch_mean", "off_diagonal", "diagonal"):
+            name = f"{gram}_{control}"
+            if name in result.methods:
+                q = result.paired(name, measure)
+                gain = paired_difference(
+                    headline_values(result, gram, measure),
+                    headline_values(result, name, measure),
+                )
+                parts.append(
+                    f"Its {control.replace('_', '-')} control: {_points(q)}; the "
+                    f"per-sample Gram minus the control: {_points(gain)}."
+                )
+    best = max(paired, key=lambda m: paired[m]["mean"])
+    helped = [m for m in others if _verdict(paired[m]) == "helped"]
+    hurt = [m for m in others if _verdict(paired[m]) == "hurt"]
+    parts.append(
+        f"The largest mean gain over KD: {best} ({_points(paired[best])}). "
+        + (
+            f"Beyond 2 standard errors: {', '.join(helped)} helped"
+            if helped
+            else "No term beat KD beyond 2 standard errors"
+        )
+        + (f"; {', '.join(hurt)} hurt." if hurt else ".")
+    )
+    return " ".join(parts)
+
+
+def _title(results):
+    c, d = results["config"], results["data"]
+    return (
+        f"gramkd demo: setting {c['setting']}, {len(c['views'])} views, "
+        f"{d['n_labelled_student']} labelled / {d['n_train_student']} student "
+        f"train, {d['n_test']} test, {c['seeds']} seed(s), {c['epochs']} epochs, "
+        f"gram {c['gram_normalize']} x{c['gram_weight']:g}, kd x{c['kd_weight']:g}, "
+        f"T={c['temperature']:g}, backend {results['backend']}"
+    )
+
+
+def _dropped_table(result, views):
+    headers = ["model"] + [f"no {v}" for v in views]
+    rows = [["teacher"] + [f"{100 * result.teacher_dropped[v]:.1f}" for v in views]]
+    for name, r in result.methods.items():
+        rows.append([name] + [f"{100 * np.mean(r.dropped[v]):.1f}" for v in views])
+    return headers, rows
+
+
+def _notes(results):
+    c = results["config"]
+    return (
+        "Columns: test accuracy (mean ± sd over seeds); paired difference to "
+        "labels+KD (points, mean ± standard error over seeds, and on how many "
+        "seeds the method was better); accuracy with one view zeroed at test "
+        "time (mean over views) and its paired difference; |ΔG|, the mean "
+        "absolute difference between the teacher's and the student's "
+        f"per-sample {c['gram_normalize']!r} Gram matrices of the view "
+        "embeddings on the test split; parameters; training time per run "
+        "(tracing included)."
+        + "".join(
+            f" Control {name} not run: {why}."
+            for name, why in results["skipped_controls"].items()
+        )
+    )
+
+
+def markdown(results, result):
+    """results.md: the title, the tables, notes and the conclusion."""
+    headers, rows = _dropped_table(result, results["data"]["views"])
+    return "\n\n".join(
+        [
+            f"# {_title(results)}",
+            result.to_markdown(),
+            "Accuracy (%) with one view zeroed at test time (mean over seeds):",
+            markdown_table(headers, rows),
+            _notes(results),
+            f"**Conclusion.** {results['conclusion']}",
+            f"Wall time {results['wall_time_s']:.0f} s.\n",
+        ]
+    )
+
+
+def _print(console, title, headers, rows):
+    table = new_table(console, title=title, title_justify="left")
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("model", "method") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def print_tables(console, results, result, out):
+    """The tables and the conclusion on the console."""
+    _print(console, _title(results), *result.table())
+    _print(
+        console,
+        "accuracy % with one view zeroed at test time",
+        *_dropped_table(result, results["data"]["views"]),
+    )
+    console.print(f"[bold]Conclusion.[/bold] {results['conclusion']}")
+    for name, why in results["skipped_controls"].items():
+        console.print(f"Control {name} not run: {why}.")
+    console.print(
+        "Wrote results.json, results.md, gram.png, curves.png, paired.png, "
+        f"student.keras to {out} ({results['wall_time_s']:.0f} s)."
+    )
+
+
+def plot_grams(out, teacher_grams, student_grams, y, views, normalize, which):
+    """gram.png: mean teacher and student Grams, overall and per digit."""
+    from keras_gramkd.plots import plot_gram_matrices
+
+    t, s = teacher_grams, student_grams
+    per_class = {
+        f"digit {c}": (t[y == c].mean(0), s[y == c].mean(0)) for c in np.unique(y)
+    }
+    fig = plot_gram_matrices(
+        t.mean(0),
+        s.mean(0),
+        list(views),
+        class_grams=per_class,
+        title=f"Modality Gram ({normalize}), test set: teacher vs student ({which})",
+    )
+    fig.savefig(os.path.join(out, "gram.png"), format="png", dpi=60)
+
+
+def plot_curves(out, result):
+    """curves.png: the training losses and accuracy of each method's first seed."""
+    from keras_gramkd.plots import plot_training_curves
+
+    histories = {name: r.histories[0] for name, r in result.methods.items()}
+    keys = ["loss", "task_loss", "kd_loss", "gram_loss", "accuracy"]
+    found = {k for h in histories.values() for k in h}
+    plot_training_curves(
+        histories,
+        path=os.path.join(out, "curves.png"),
+        keys=[k for k in keys if k in found],
+    )
