@@ -16,7 +16,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_gramkd import Distiller, ModalityGram, ModalityStack, demo
+from keras_gramkd import Distiller, ModalityGram, ModalityStack, zoo
+from keras_gramkd.demo.settings import DEFAULT_SETTING, NOISE_STD, load_setting
 
 N_CLASSES = 10
 TEMPERATURE = 4.0
@@ -277,12 +278,12 @@ def demo_case(steps, teacher_sized=False, batch_size=None, views=None):
 
     `views` picks some of the six views (default all), as `gramkd demo --views`.
     """
-    batch_size = batch_size or demo.BATCH_SIZE
-    data = demo.load_study_data(views, setting=demo.DEFAULT_SETTING)
-    x, y = _resample(*data["student_train"], steps * batch_size)
+    batch_size = batch_size or zoo.BATCH_SIZE
+    data = load_setting(DEFAULT_SETTING, views)
+    x, y = _resample(*data.student_train, steps * batch_size)
     dims = {v: a.shape[1] for v, a in x.items()}
     keras.utils.set_random_seed(0)
-    teacher = demo.build_teacher(dims)
+    teacher = zoo.build_teacher(dims)
     if teacher_sized:
         name = "teacher-sized"
         description = (
@@ -301,7 +302,7 @@ def demo_case(steps, teacher_sized=False, batch_size=None, views=None):
         )
 
         def build_student():
-            return demo.build_student(dims, noise_std=demo.NOISE_STD)
+            return zoo.build_student(dims, noise_std=NOISE_STD)
 
     return Case(name, description, teacher, build_student, x, y, batch_size, dims)
 
