@@ -84,6 +84,50 @@ def step_time_table(results):
     return _table(headers, rows)
 
 
+def step_time_cpu_table(results):
+    """As `step_time_table`, with the ratios of CPU time (all threads of the
+    process), which other processes on a shared machine disturb less."""
+    headers = ["backend", "jit_compile", "case", "(a) CPU ms/step"]
+    headers += [f"({v})" if len(v) == 1 else v for v in STEP_VARIANTS]
+    rows = []
+    for backend, data in results.items():
+        for setting, cases in _by_jit(data).items():
+            for name, case in cases.items():
+                variants = case["variants"]
+                a = variants["a"]
+                cpu_ms = 1e3 * a["median_epoch_cpu_s"] / case["steps_per_epoch"]
+                cells = []
+                for v in STEP_VARIANTS:
+                    entry = variants.get(v) or {}
+                    cells.append(
+                        _rx(entry.get("cpu_ratio_to_a"), entry.get("cpu_ratio_spread"))
+                    )
+                rows.append([backend, setting, name, f"{cpu_ms:.2f}"] + cells)
+    return _table(headers, rows)
+
+
+def targets_table(results):
+    """Each target per backend and case: wall and CPU time ratios, with
+    their spreads over repeats, and whether each is within the limit."""
+    headers = ["backend", "jit_compile", "case", "target", "limit"]
+    headers += ["wall ratio (spread)", "", "CPU ratio (spread)", ""]
+    rows = []
+    for backend, data in results.items():
+        for setting, cases in _by_jit(data).items():
+            for name, case in cases.items():
+                for t in case["targets"]:
+                    verdicts = [
+                        "–" if r is None else ("met" if r <= t["limit"] else "missed")
+                        for r in (t["ratio"], t.get("cpu_ratio"))
+                    ]
+                    rows.append(
+                        [backend, setting, name, t["target"], t["limit"]]
+                        + [_rx(t["ratio"], t.get("spread")), verdicts[0]]
+                        + [_rx(t.get("cpu_ratio"), t.get("cpu_spread")), verdicts[1]]
+                    )
+    return _table(headers, rows)
+
+
 def scaling_table(results):
     """A row per point, a column per backend: KD-only ms, Gram %, Gram alone ms."""
     headers = ["axis", "M / d / batch", "B·M²·d"]
@@ -122,6 +166,8 @@ def gram_ops_table(results):
 
 TABLES = {
     "step_time": step_time_table,
+    "step_time (CPU time)": step_time_cpu_table,
+    "step_time (targets)": targets_table,
     "scaling": scaling_table,
     "gram_ops": gram_ops_table,
 }
@@ -131,7 +177,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     directory = argv[0] if argv else os.path.join(os.path.dirname(__file__), "results")
     for script, table in TABLES.items():
-        results = _load(directory, script)
+        results = _load(directory, script.split(" ")[0])
         if results:
             print(f"### {script}\n\n{table(results)}\n")
 

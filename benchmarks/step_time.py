@@ -341,6 +341,7 @@ def main(argv=None):
         },
         "jit_compile": {},
     }
+    path = args.json or harness.default_json("step_time")
     for setting in args.jit_settings:
         cases = {}
         result["jit_compile"][setting] = {"cases": cases}
@@ -351,7 +352,7 @@ def main(argv=None):
             )
             cases[name] = entry
             print_case(harness, f"{name}, jit_compile={setting}", entry)
-    path = args.json or harness.default_json("step_time")
+            harness.write_json(path, result)  # what is done so far, case by case
     harness.write_json(path, result)
     print(f"wrote {path}")
 
