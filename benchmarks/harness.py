@@ -16,7 +16,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_gramkd import Distiller, ModalityGram, ModalityStack, demo
+from keras_gramkd import Distiller, ModalityGram, ModalityStack, zoo
+from keras_gramkd.demo.settings import DEFAULT_SETTING, NOISE_STD, load_setting
 
 N_CLASSES = 10
 TEMPERATURE = 4.0
@@ -277,12 +278,12 @@ def demo_case(steps, teacher_sized=False, batch_size=None, views=None):
 
     `views` picks some of the six views (default all), as `gramkd demo --views`.
     """
-    batch_size = batch_size or demo.BATCH_SIZE
-    data = demo.load_study_data(views, setting=demo.DEFAULT_SETTING)
-    x, y = _resample(*data["student_train"], steps * batch_size)
+    batch_size = batch_size or zoo.BATCH_SIZE
+    data = load_setting(DEFAULT_SETTING, views)
+    x, y = _resample(*data.student_train, steps * batch_size)
     dims = {v: a.shape[1] for v, a in x.items()}
     keras.utils.set_random_seed(0)
-    teacher = demo.build_teacher(dims)
+    teacher = zoo.build_teacher(dims)
     if teacher_sized:
         name = "teacher-sized"
         description = (
@@ -301,7 +302,7 @@ def demo_case(steps, teacher_sized=False, batch_size=None, views=None):
         )
 
         def build_student():
-            return demo.build_student(dims, noise_std=demo.NOISE_STD)
+            return zoo.build_student(dims, noise_std=NOISE_STD)
 
     return Case(name, description, teacher, build_student, x, y, batch_size, dims)
 
@@ -471,6 +472,7 @@ class Run:
         self.executed = dict.fromkeys(("student", "teacher"), 0)
         self.steps = 0
         self.epoch_times, self.cpu_times = [], []
+        self.repeat_medians, self.repeat_cpu_medians = [], []
 
     def fit(self, epochs, timed):
         for counter in self.counters.values():
@@ -491,13 +493,24 @@ class Run:
             self.epoch_times += timer.times
             self.cpu_times += timer.cpu_times
 
+    def end_repeat(self, start):
+        """Closes a repeat: the median of the epochs timed since `start`."""
+        self.repeat_medians.append(statistics.median(self.epoch_times[start:]))
+        self.repeat_cpu_medians.append(statistics.median(self.cpu_times[start:]))
+
     def result(self):
-        median = statistics.median(self.epoch_times)
+        """Timings and counts; with repeats, the median of the repeats' medians."""
+        walls = self.repeat_medians or [statistics.median(self.epoch_times)]
+        cpus = self.repeat_cpu_medians or [statistics.median(self.cpu_times)]
+        median = statistics.median(walls)
         return {
             "epoch_times_s": self.epoch_times,
             "epoch_cpu_times_s": self.cpu_times,
+            "repeat_median_epoch_s": walls,
+            "repeat_median_epoch_cpu_s": cpus,
+            "repeat_spread": spread(walls),
             "median_epoch_s": median,
-            "median_epoch_cpu_s": statistics.median(self.cpu_times),
+            "median_epoch_cpu_s": statistics.median(cpus),
             "median_step_ms": 1e3 * median / self.steps_per_epoch,
             "steps_per_s": self.steps_per_epoch / median,
             "ops_per_step": self.probe.ops,
@@ -515,18 +528,42 @@ def _count(value):
     return int(round(value)) if math.isclose(value, round(value)) else value
 
 
-def measure(runs, warmup, rounds):
-    """Fits every run `warmup` epochs, then `rounds` timed epochs, interleaved.
+def measure(runs, warmup, rounds, repeats=1):
+    """Fits every run `warmup` epochs, then `repeats` times `rounds` timed
+    epochs, interleaved.
 
     Each round fits each run for one epoch, in an order rotated every round so
     that no variant always follows the same neighbour; machine load drifting
-    over the run then spreads over all variants.
+    over the run then spreads over all variants. Each repeat is a whole
+    measurement of its own (its median per run, `Run.repeat_medians`): how far
+    the repeats disagree is the spread reported beside every ratio.
     """
     for run in runs:
         run.fit(warmup, timed=False)
-    for i in range(rounds):
-        for run in runs[i % len(runs) :] + runs[: i % len(runs)]:
-            run.fit(1, timed=True)
+    for _ in range(repeats):
+        starts = [len(run.epoch_times) for run in runs]
+        for i in range(rounds):
+            for run in runs[i % len(runs) :] + runs[: i % len(runs)]:
+                run.fit(1, timed=True)
+        for run, start in zip(runs, starts, strict=True):
+            run.end_repeat(start)
+
+
+def spread(values):
+    """(max - min) / median of repeated measurements: 0.05 is 5 %."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return None
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def ratio_over_repeats(num, den, key="repeat_median_epoch_s"):
+    """The median over repeats of num/den (each repeat's own ratio), and the
+    spread of those ratios; None where either run is missing."""
+    if num is None or den is None:
+        return None, None
+    ratios = [a / b for a, b in zip(num[key], den[key], strict=True)]
+    return statistics.median(ratios), spread(ratios)
 
 
 def gram_term_ms(batch, modalities, d_teacher, d_student, jit):

@@ -37,20 +37,94 @@ def _x(value):
     return "–" if value is None else f"{value:.2f}×"
 
 
+def _spread(value):
+    return "" if value is None else f" ({100 * value:.0f} %)"
+
+
+def _rx(ratio, spread=None):
+    """`1.23×`, with the spread over repeats in parentheses when measured."""
+    return _x(ratio) + ("" if ratio is None else _spread(spread))
+
+
+def _by_jit(data):
+    """{jit_compile setting: {case: entry}}, for old (one setting) files too."""
+    if "jit_compile" in data and isinstance(data["jit_compile"], dict):
+        return {k: v.get("cases", v) for k, v in data["jit_compile"].items()}
+    return {data["settings"].get("jit_compile", "auto"): data["cases"]}
+
+
 def step_time_table(results):
-    headers = ["backend", "case", "(a) ms/step"]
+    """A row per backend, jit_compile setting and case: ratios to (a), each
+    with its spread over repeats ((max - min) / median) in parentheses."""
+    headers = ["backend", "jit_compile", "case", "(a) ms/step"]
     headers += [f"({v})" if len(v) == 1 else v for v in STEP_VARIANTS]
-    headers += ["Gram: (d) / KD-only", "targets met"]
+    headers += ["Gram: (d) / KD-only", "targets met", "largest ms spread"]
     rows = []
     for backend, data in results.items():
-        for name, case in data["cases"].items():
-            variants = case["variants"]
-            met = sum(bool(t["met"]) for t in case["targets"])
-            rows.append(
-                [backend, name, f"{variants['a']['median_step_ms']:.2f}"]
-                + [_x(variants[v].get("ratio_to_a")) for v in STEP_VARIANTS]
-                + [_x(case["gram_cost"]["d"]["ratio"]), f"{met} of 3"]
-            )
+        for setting, cases in _by_jit(data).items():
+            for name, case in cases.items():
+                variants = case["variants"]
+                met = sum(bool(t["met"]) for t in case["targets"])
+                cells = []
+                for v in STEP_VARIANTS:
+                    entry = variants.get(v) or {}
+                    cells.append(
+                        _rx(entry.get("ratio_to_a"), entry.get("ratio_spread"))
+                    )
+                gram = case["gram_cost"]["d"]
+                rows.append(
+                    [backend, setting, name, f"{variants['a']['median_step_ms']:.2f}"]
+                    + cells
+                    + [
+                        _rx(gram["ratio"], gram.get("spread")),
+                        f"{met} of 3",
+                        _spread(case.get("largest_repeat_spread")).strip(" ()") or "–",
+                    ]
+                )
+    return _table(headers, rows)
+
+
+def step_time_cpu_table(results):
+    """As `step_time_table`, with the ratios of CPU time (all threads of the
+    process), which other processes on a shared machine disturb less."""
+    headers = ["backend", "jit_compile", "case", "(a) CPU ms/step"]
+    headers += [f"({v})" if len(v) == 1 else v for v in STEP_VARIANTS]
+    rows = []
+    for backend, data in results.items():
+        for setting, cases in _by_jit(data).items():
+            for name, case in cases.items():
+                variants = case["variants"]
+                a = variants["a"]
+                cpu_ms = 1e3 * a["median_epoch_cpu_s"] / case["steps_per_epoch"]
+                cells = []
+                for v in STEP_VARIANTS:
+                    entry = variants.get(v) or {}
+                    cells.append(
+                        _rx(entry.get("cpu_ratio_to_a"), entry.get("cpu_ratio_spread"))
+                    )
+                rows.append([backend, setting, name, f"{cpu_ms:.2f}"] + cells)
+    return _table(headers, rows)
+
+
+def targets_table(results):
+    """Each target per backend and case: wall and CPU time ratios, with
+    their spreads over repeats, and whether each is within the limit."""
+    headers = ["backend", "jit_compile", "case", "target", "limit"]
+    headers += ["wall ratio (spread)", "", "CPU ratio (spread)", ""]
+    rows = []
+    for backend, data in results.items():
+        for setting, cases in _by_jit(data).items():
+            for name, case in cases.items():
+                for t in case["targets"]:
+                    verdicts = [
+                        "–" if r is None else ("met" if r <= t["limit"] else "missed")
+                        for r in (t["ratio"], t.get("cpu_ratio"))
+                    ]
+                    rows.append(
+                        [backend, setting, name, t["target"], t["limit"]]
+                        + [_rx(t["ratio"], t.get("spread")), verdicts[0]]
+                        + [_rx(t.get("cpu_ratio"), t.get("cpu_spread")), verdicts[1]]
+                    )
     return _table(headers, rows)
 
 
@@ -92,6 +166,8 @@ def gram_ops_table(results):
 
 TABLES = {
     "step_time": step_time_table,
+    "step_time (CPU time)": step_time_cpu_table,
+    "step_time (targets)": targets_table,
     "scaling": scaling_table,
     "gram_ops": gram_ops_table,
 }
@@ -101,7 +177,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     directory = argv[0] if argv else os.path.join(os.path.dirname(__file__), "results")
     for script, table in TABLES.items():
-        results = _load(directory, script)
+        results = _load(directory, script.split(" ")[0])
         if results:
             print(f"### {script}\n\n{table(results)}\n")
 

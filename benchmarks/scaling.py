@@ -1,11 +1,13 @@
 """How the step time and memory of KD + Gram grow with M, d and the batch size.
 
     python benchmarks/scaling.py [--backend tensorflow|jax|torch] [--quick]
-        [--json PATH] [--axes M,d,batch] [--rounds N] [--steps N]
-        [--jit-compile auto|true|false] [--threads N]
+        [--sizes cpu|gpu] [--json PATH] [--axes M,d,batch|middle] [--rounds N]
+        [--steps N] [--jit-compile auto|true|false] [--threads N]
 
 The synthetic case (M modalities, embeddings d wide, concatenation fusion in
-teacher and student) is swept one axis at a time around a middle point. Each
+teacher and student) is swept one axis at a time around a middle point
+(`--axes middle`: the middle point alone). `--sizes gpu` sweeps GPU sizes:
+M 2-32, d 128-2048, batch 256-4096 around M = 8, d = 512, batch 1024. Each
 point runs in a fresh process: variant (d) of step_time.py (KD + Gram) and
 KD-only are compiled, warmed up and timed in interleaved epochs; the Gram
 term alone is timed in isolation; and the process's peak RSS is read after
@@ -27,6 +29,8 @@ SWEEPS = {
     "d": (8, 32, 128, 512, 1024),
     "batch": (32, 64, 128, 256, 512, 1024),
 }
+GPU_MIDDLE = {"M": 8, "d": 512, "batch": 1024}
+GPU_SWEEPS = {"M": (2, 8, 32), "d": (128, 512, 2048), "batch": (256, 1024, 4096)}
 QUICK_MIDDLE = {"M": 2, "d": 8, "batch": 16}
 QUICK_SWEEPS = {"M": (2, 4), "d": (8, 16), "batch": (16, 32)}
 RESULT_PREFIX = "SCALING_POINT "
@@ -35,24 +39,33 @@ RESULT_PREFIX = "SCALING_POINT "
 def parse_args(argv=None):
     parser = common_parser(__doc__, "tiny sweeps of M only")
     parser.add_argument(
-        "--axes", help="comma-separated (default M,d,batch; M with --quick)"
+        "--axes",
+        help="comma-separated (default M,d,batch; M with --quick); "
+        "'middle': the middle point only",
     )
+    parser.add_argument("--sizes", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--point", help=argparse.SUPPRESS)  # M,d,batch: one point
     args = parser.parse_args(argv)
     default = "M" if args.quick else ",".join(SWEEPS)
-    args.axes = comma_choices(parser, args.axes, default, SWEEPS, "axes")
+    args.axes = comma_choices(parser, args.axes, default, (*SWEEPS, "middle"), "axes")
     args.steps = args.steps or (2 if args.quick else 8)
     return args
 
 
 def points(args):
     """(axis, {M, d, batch}) for every point of the sweeps, middle point first."""
-    middle = QUICK_MIDDLE if args.quick else MIDDLE
-    sweeps = QUICK_SWEEPS if args.quick else SWEEPS
+    middle, sweeps = _sizes(args)
     out = [("middle", dict(middle))]
-    for axis in args.axes:
+    for axis in (a for a in args.axes if a in sweeps):
         out += [(axis, {**middle, axis: v}) for v in sweeps[axis] if v != middle[axis]]
     return out
+
+
+def _sizes(args):
+    """(middle point, sweeps) of the run."""
+    if args.quick:
+        return QUICK_MIDDLE, QUICK_SWEEPS
+    return (GPU_MIDDLE, GPU_SWEEPS) if args.sizes == "gpu" else (MIDDLE, SWEEPS)
 
 
 def measure_point(args):
@@ -179,7 +192,8 @@ def main(argv=None):
             "settings": {
                 "quick": args.quick,
                 "axes": args.axes,
-                "middle": QUICK_MIDDLE if args.quick else MIDDLE,
+                "sizes": args.sizes,
+                "middle": _sizes(args)[0],
                 "timed_epochs": args.rounds,
                 "steps_per_epoch": args.steps,
                 "jit_compile": args.jit_compile,

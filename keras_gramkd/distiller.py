@@ -103,12 +103,34 @@ def _sample_axes(tensor):
 
 
 def _finite_samples(x):
-    """(batch,) bool: True where every float tensor of the sample is finite."""
-    finite = None
+    """(batch,) bool: True where every float tensor of the sample is finite.
+
+    Tensors of one dtype whose sample shapes are known are checked as one
+    (batch, -1) concatenation: one check instead of one per tensor (on eager
+    PyTorch each check is several dispatched operations).
+    """
+    finite, groups = None, {}
     for tensor in filter(_is_float_tensor, keras.tree.flatten(x)):
-        ok = _finite_rows(tensor)
-        finite = ok if finite is None else ops.logical_and(finite, ok)
+        size = _sample_size(tensor)
+        if size is None:
+            finite = _and(finite, _finite_rows(tensor))
+        else:
+            key = keras.backend.standardize_dtype(tensor.dtype)
+            groups.setdefault(key, []).append(ops.reshape(tensor, (-1, size)))
+    for flat in groups.values():
+        joined = flat[0] if len(flat) == 1 else ops.concatenate(flat, axis=1)
+        finite = _and(finite, _finite_rows(joined))
     return finite
+
+
+def _sample_size(tensor):
+    """The number of values in one sample of `tensor`, or None if unknown."""
+    size = 1
+    for dim in tensor.shape[1:]:
+        if dim is None:
+            return None
+        size *= int(dim)
+    return size if size > 0 else None
 
 
 def _finite_rows(tensor):
@@ -178,6 +200,49 @@ class _FunctionLoss(keras.losses.Loss):
         return self.fn(y_true, y_pred)
 
 
+_FROM_LOGITS_LOSSES = (
+    keras.losses.SparseCategoricalCrossentropy,
+    keras.losses.CategoricalCrossentropy,
+    keras.losses.BinaryCrossentropy,
+)
+
+
+def _gradient_safe(loss):
+    """True when the task loss's gradient is finite wherever its input logits
+    are, even on a row whose value overflows (Keras' cross-entropies on
+    logits: softmax/sigmoid minus the labels). Then one per-sample
+    computation serves both the check and the loss; any other loss is
+    computed again on the final rows, so that a row whose loss is not finite
+    reaches the gradient only as the constant it is replaced by."""
+    if not isinstance(loss, _FROM_LOGITS_LOSSES):
+        return False
+    return bool(loss.get_config().get("from_logits"))
+
+
+class _Reduced(keras.losses.Loss):
+    """Reduces per-sample values already computed by `loss.call` as `loss`
+    itself would (its reduction, dtype, the mask its values carry), with the
+    skipped rows (y_true 0) replaced by 0."""
+
+    def __init__(self, loss):
+        super().__init__(name=loss.name, reduction=loss.reduction, dtype=loss.dtype)
+
+    def call(self, keep, values):
+        return ops.where(keep > 0, values, ops.zeros_like(values))
+
+
+def _input_keys(network, x):
+    """The batch keys `network` reads, or None where x is not a dict of them."""
+    if network.inputs is None or not isinstance(x, dict):
+        return None
+    inputs = network.inputs
+    keys = [inputs] if isinstance(inputs, str) else list(inputs)
+    return keys if all(key in x for key in keys) else None
+
+
+_Y_PRED_KEY, _OK_KEY = "keras_gramkd/y_pred", "keras_gramkd/ok"
+
+
 def _valid_labels(y, n_classes, ignore_class=None):
     """(batch,) bool: sparse class labels integral and in [0, n_classes) (or
     the ignore class); any labels finite."""
@@ -203,7 +268,10 @@ def _where_samples(ok, tensor, fill=0.0):
         return tensor
     shape = (-1,) + (1,) * (len(tensor.shape) - 1)
     keep = ops.reshape(ok, shape)
-    return ops.where(keep, tensor, ops.full_like(tensor, fill))
+    # Not full_like: on PyTorch it reads the fill back from the device.
+    if fill == 0:
+        return ops.where(keep, tensor, ops.zeros_like(tensor))
+    return ops.where(keep, tensor, fill)
 
 
 def _is_float_tensor(value):
@@ -232,6 +300,24 @@ class _SkippedRows(keras.layers.Layer):
 
     def compute_mask(self, inputs, mask=None):
         return inputs[1]
+
+
+class _LossMean(keras.metrics.Metric):
+    """`keras.metrics.Mean` of one loss value per batch, weighted by the
+    batch size: the same result (total / count) with half the operations per
+    update (Mean broadcasts and sums its weights for tensors of any shape)."""
+
+    def __init__(self, name):
+        super().__init__(name=name)
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, value, batch):
+        self.total.assign_add(ops.cast(value, self.dtype) * batch)
+        self.count.assign_add(batch)
+
+    def result(self):
+        return ops.divide_no_nan(self.total, self.count)
 
 
 class _DataGuard(keras.callbacks.Callback):
@@ -578,15 +664,18 @@ class Distiller(keras.Model):
         self._add_features()
 
         self.task_loss_tracker = (
-            keras.metrics.Mean(name="task_loss") if self.task_weight > 0 else None
+            _LossMean(name="task_loss") if self.task_weight > 0 else None
         )
         self.term_trackers = [
-            keras.metrics.Mean(name=f"{term.name}_loss") for term in self._active
+            _LossMean(name=f"{term.name}_loss") for term in self._active
         ]
         self.skipped_samples_tracker = keras.metrics.Sum(name="skipped_samples")
         self._forward_cache = _ForwardCache()
+        self._inputs_cache = _ForwardCache()
         self._ok_cache = _ForwardCache()
         self._task_loss_fn = self._task_loss_given = None  # set by compile
+        self._task_reducer = None
+        self._compiled_metrics = False
         # One instance: a layer made inside a step breaks torch.compile and
         # costs a layer construction per step.
         self._skipped_rows = _SkippedRows(name="skipped_rows")
@@ -653,6 +742,12 @@ class Distiller(keras.Model):
             )
         self._task_loss_fn = _task_loss_object(loss)
         self._task_loss_given = loss
+        self._task_reducer = (
+            None if self._task_loss_fn is None else _Reduced(self._task_loss_fn)
+        )
+        metrics = kwargs.get("metrics", args[1] if len(args) > 1 else None)
+        weighted = kwargs.get("weighted_metrics", args[2] if len(args) > 2 else None)
+        self._compiled_metrics = bool(metrics or weighted)
         # Keras itself gets no loss: compute_loss applies the task loss, and a
         # compiled loss Keras never calls would stay unbuilt and cost a
         # symbolic build at every fit.
@@ -710,13 +805,18 @@ class Distiller(keras.Model):
             raise ValueError(
                 f"The Distiller got no inputs (None). {EMPTY_DATA_MESSAGE}"
             )
+        ok = None
         if training:  # only the inputs the student reads: other keys may hold NaN
-            ok = _finite_samples(self._student.select_inputs(inputs))
+            selected = self._student.select_inputs(inputs)
+            ok = _finite_samples(selected)
             if ok is not None:
                 inputs = _zero_bad_samples(inputs, ok)
         logits, features, mask = self._student.forward(inputs, training)
+        # compute_loss reads the features, and the input check made here, from
+        # this same call: each is computed once per step.
         if self._student.extractor is not None:
             self._forward_cache.put(logits, (features, mask))
+        self._inputs_cache.put(logits, (ok, inputs))
         return logits
 
     def _batch_mask(self, x, student_mask):
@@ -782,6 +882,8 @@ class Distiller(keras.Model):
             if extras is None:  # y_pred was not made by this model's call
                 _, *extras = self._student.forward(x, training)
             features, student_mask = extras
+        # The check of the student's inputs that call made, and its inputs.
+        inputs_ok, inputs = self._inputs_cache.take(y_pred) or (None, x)
         if y is not None and keras.backend.standardize_dtype(y.dtype) == "bool":
             y = ops.cast(y, "float32")  # as Keras' losses take them
 
@@ -791,16 +893,18 @@ class Distiller(keras.Model):
         cached = self._cached_targets(x) if self._active else None
         if sample_weight is not None:
             sample_weight = ops.cast(sample_weight, "float32")
-        ok = self._data_ok(x, y, y_pred, sample_weight, cached)
+        ok = self._data_ok(x, y, y_pred, sample_weight, cached, inputs_ok)
         task = self.task_weight > 0 and y is not None
         ok = _and(ok, _finite_samples(features))
         if cached is None and self._active:
-            x_clean = _zero_bad_samples(x, ok)
-            teacher = self._teacher.forward(x_clean, training=False)
+            teacher = self._teacher.forward(
+                self._teacher_inputs(x, ok, inputs_ok, inputs), training=False
+            )
             ok = _and(ok, _finite_samples(teacher[:2]))
         else:
             teacher = None
             ok = _and(ok, _finite_samples(cached))
+        values = None  # the per-sample task loss, when computed once for both uses
         if task:
             per_sample = getattr(self._task_loss_fn, "call", None)  # unreduced
             if per_sample is not None:
@@ -809,12 +913,16 @@ class Distiller(keras.Model):
                     labels, _where_samples(ok, y_pred, fill=1.0 / y_pred.shape[-1])
                 )
                 ok = ops.logical_and(ok, _finite_rows(values))
+                if not _gradient_safe(self._task_loss_fn):
+                    values = None  # computed again on the final rows below
 
         self.skipped_samples_tracker.update_state(
             ops.sum(1.0 - ops.cast(ok, "float32"))
         )
         self._ok_cache.put(y_pred, ok)
-        x = _zero_bad_samples(x, ok)
+        if isinstance(x, dict) and x.get(MODALITY_MASK_KEY) is not None:
+            # The only key of x read below (inputs went to the networks above).
+            x = {**x, MODALITY_MASK_KEY: _where_samples(ok, x[MODALITY_MASK_KEY])}
         # 1/C, not 0: a skipped row must give a finite loss even where the
         # task loss takes probabilities (0/0 in a from_logits=False CE).
         y_pred = _where_samples(ok, y_pred, fill=1.0 / y_pred.shape[-1])
@@ -839,10 +947,9 @@ class Distiller(keras.Model):
         batch = ops.cast(ops.shape(y_pred)[0], "float32")
         total = ops.zeros((), dtype="float32")
         if self.task_weight > 0:
-            value = ops.cast(self._task_loss(y, y_pred, sample_weight, ok), "float32")
-            self.task_loss_tracker.update_state(
-                unscale_for_replicas(value), sample_weight=batch
-            )
+            value = self._task_loss(y, y_pred, sample_weight, ok, values)
+            value = ops.cast(value, "float32")
+            self.task_loss_tracker.update_state(unscale_for_replicas(value), batch)
             total = total + self.task_weight * value
         if self._active:
             losses = self._term_losses(
@@ -852,7 +959,7 @@ class Distiller(keras.Model):
                 self._active, self.term_trackers, losses, strict=True
             ):
                 value = ops.cast(value, "float32")
-                tracker.update_state(unscale_for_replicas(value), sample_weight=batch)
+                tracker.update_state(unscale_for_replicas(value), batch)
                 total = total + term.weight * value
         for extra in self.losses:  # the student's regularisation losses
             # Summed and scaled for replicas, as Keras' TensorFlow trainer does.
@@ -860,12 +967,24 @@ class Distiller(keras.Model):
             total = total + extra
         return total
 
-    def _data_ok(self, x, y, y_pred, sample_weight, cached):
+    def _data_ok(self, x, y, y_pred, sample_weight, cached, inputs_ok=None):
         """(batch,) bool from what a step's data shows: the inputs the
-        networks read, the mask values, the labels, the weights, the output."""
-        ok = _finite_samples(self._student.select_inputs(x))
+        networks read, the mask values, the labels, the weights, the output.
+
+        `inputs_ok`: the check of the student's inputs that `call` made; then
+        only the inputs the teacher alone reads are checked here.
+        """
+        student_keys = _input_keys(self._student, x)
+        if inputs_ok is None or student_keys is None:
+            ok = _finite_samples(self._student.select_inputs(x))
+        else:
+            ok = inputs_ok
         if self._active and cached is None:
-            ok = _and(ok, _finite_samples(self._teacher.select_inputs(x)))
+            teacher_x = self._teacher.select_inputs(x)
+            teacher_keys = _input_keys(self._teacher, x)
+            if inputs_ok is not None and None not in (student_keys, teacher_keys):
+                teacher_x = [x[k] for k in teacher_keys if k not in student_keys]
+            ok = _and(ok, _finite_samples(teacher_x))
         ok = _and(ok, self._mask_values_ok(x))
         if self.task_weight > 0 and y is not None:
             is_sparse, ignore_class = _class_range(self._task_loss_fn)
@@ -875,11 +994,46 @@ class Distiller(keras.Model):
             ok = _and(ok, _finite_rows(sample_weight))
         return _and(ok, _finite_rows(y_pred))
 
+    def _teacher_inputs(self, x, ok, inputs_ok, cleaned):
+        """The teacher's inputs with the bad samples zeroed; where it reads
+        the student's keys, the student's inputs that `call` cleaned."""
+        t_keys, s_keys = (_input_keys(n, x) for n in (self._teacher, self._student))
+        if inputs_ok is None or t_keys is None or s_keys is None:
+            return _zero_bad_samples(self._teacher.select_inputs(x), ok)
+        batch = {}
+        for key in t_keys:
+            if key in s_keys:
+                batch[key] = cleaned[key]
+            elif _is_float_tensor(x[key]):
+                batch[key] = _where_samples(ok, x[key])
+            else:
+                batch[key] = x[key]
+        return self._teacher.select_inputs(batch)
+
+    def compute_loss_and_updates(self, *args, **kwargs):
+        """JAX's stateless loss (the JAX trainer calls it inside the gradient),
+        carrying the step's good-sample mask out to `compute_metrics` beside
+        `y_pred`, so that the data checks are not made a second time there."""
+        loss, (unscaled, y_pred, non_trainable, metrics) = (
+            super().compute_loss_and_updates(*args, **kwargs)
+        )
+        ok = self._ok_cache.take(y_pred)
+        if ok is not None:
+            y_pred = {_Y_PRED_KEY: y_pred, _OK_KEY: ok}
+        return loss, (unscaled, y_pred, non_trainable, metrics)
+
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """Keras' metrics, with the samples `compute_loss` skipped left out
         (weight 0, and their labels and outputs zeroed so no NaN enters)."""
-        ok = self._ok_cache.take(y_pred)
-        if ok is None:  # JAX's train step: y_pred left the gradient's trace
+        if isinstance(y_pred, dict) and _OK_KEY in y_pred:  # from JAX's step
+            y_pred, ok = y_pred[_Y_PRED_KEY], y_pred[_OK_KEY]
+        else:
+            ok = self._ok_cache.take(y_pred)
+        if not self._compiled_metrics:
+            # Nothing but the trackers (updated in compute_loss) to report: the
+            # masking below would be work for no metric.
+            return super().compute_metrics(x, y, y_pred, sample_weight)
+        if ok is None:  # y_pred was not made in this step's compute_loss
             if y is not None and keras.backend.standardize_dtype(y.dtype) == "bool":
                 y = ops.cast(y, "float32")
             cached = self._cached_targets(x) if self._active else None
@@ -909,7 +1063,7 @@ class Distiller(keras.Model):
         ok = ops.logical_or(ops.equal(mask, 0), ops.equal(mask, 1))
         return ops.all(ok, axis=_sample_axes(mask))
 
-    def _task_loss(self, y, y_pred, sample_weight, ok):
+    def _task_loss(self, y, y_pred, sample_weight, ok, values=None):
         if y is None:
             raise ValueError(
                 "The batch has no labels, but task_weight > 0. Give (x, y) "
@@ -924,6 +1078,10 @@ class Distiller(keras.Model):
         # A copy: with a masked loss (ignore_class) Keras' apply_mask does
         # `sample_weight *= mask`, in place on PyTorch, which would reweigh
         # the terms that follow.
+        if values is not None:  # reduced as the task loss reduces its own
+            return self._task_reducer(
+                ops.cast(ok, values.dtype), values, ops.copy(sample_weight)
+            )
         return self._task_loss_fn(
             _where_samples(ok, y), y_pred, ops.copy(sample_weight)
         )

@@ -1,4 +1,5 @@
-"""The benchmarks run in --quick mode, so that they never rot (no timing checks)."""
+"""The benchmarks run in --quick mode, so that they never rot (no timing checks),
+and benchmarks/gpu.sh runs its --dry-run on the CPU."""
 
 import json
 import math
@@ -21,13 +22,13 @@ COUNTS = (
 )
 
 
-def _run(script, tmp_path):
+def _run(script, tmp_path, *extra):
     """Runs benchmarks/<script> --quick under this backend; returns its JSON."""
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
     out = tmp_path / f"{script}.json"
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick", "--threads", "1"]
-        + ["--backend", backend, "--json", str(out)],
+        + ["--backend", backend, "--json", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=600,
@@ -46,11 +47,47 @@ def _positive(value):
 
 @pytest.fixture(scope="module")
 def step_time(tmp_path_factory):
-    return _run("step_time.py", tmp_path_factory.mktemp("step_time"))
+    # Two repeats of one round: the spreads over repeats are computed.
+    return _run(
+        "step_time.py",
+        tmp_path_factory.mktemp("step_time"),
+        *("--rounds", "1", "--repeats", "2"),
+    )
+
+
+def _cases(step_time):
+    """The demo case measured with each jit_compile setting."""
+    assert step_time["settings"]["jit_compile"] == ["false", "true"]
+    assert list(step_time["jit_compile"]) == ["false", "true"]
+    return [step_time["jit_compile"][s]["cases"]["demo"] for s in ("false", "true")]
 
 
 def test_step_time_reports_every_variant(step_time):
-    case = step_time["cases"]["demo"]
+    for case in _cases(step_time):
+        _check_variants(case)
+
+
+def test_step_time_reports_the_spread_of_repeats(step_time):
+    for case in _cases(step_time):
+        for name, variant in case["variants"].items():
+            if not variant["available"]:
+                continue
+            assert len(variant["repeat_median_epoch_s"]) == 2, name
+            assert variant["repeat_spread"] >= 0, name
+            assert variant["ratio_spread"] >= 0, name
+        for target in case["targets"]:
+            assert target["spread"] is None or target["spread"] >= 0
+        assert case["largest_repeat_spread"] >= 0
+
+
+def test_step_time_compiles_each_jit_setting(step_time):
+    off, on = _cases(step_time)
+    assert all(v["jit_compile"] is False for v in off["variants"].values())
+    # True everywhere it is available (Keras may turn it off for a model).
+    assert any(v.get("jit_compile") for v in on["variants"].values())
+
+
+def _check_variants(case):
     assert list(case["variants"]) == list(VARIANTS)
     for name, variant in case["variants"].items():
         if not variant["available"]:  # only the teacher cache may be missing
@@ -64,7 +101,11 @@ def test_step_time_reports_every_variant(step_time):
 
 
 def test_step_time_counts_forward_passes(step_time):
-    variants = step_time["cases"]["demo"]["variants"]
+    for case in _cases(step_time):
+        _check_forward_passes(case["variants"])
+
+
+def _check_forward_passes(variants):
     for name, variant in variants.items():
         if variant["available"]:
             double = name == "c"  # FeatureDistillation runs the student again
@@ -77,7 +118,11 @@ def test_step_time_counts_forward_passes(step_time):
 
 
 def test_step_time_targets_and_gram_cost(step_time):
-    case = step_time["cases"]["demo"]
+    for case in _cases(step_time):
+        _check_targets(case)
+
+
+def _check_targets(case):
     assert len(case["targets"]) == 3
     for target in case["targets"]:
         assert target["ratio"] is None or _positive(target["ratio"])
@@ -110,3 +155,25 @@ def test_gram_ops_compares_both_forms(tmp_path):
     assert _positive(point["textbook_ms"]) and _positive(point["library_ms"])
     assert point["ratio"] == pytest.approx(point["library_ms"] / point["textbook_ms"])
     assert point["value_difference"] < 1e-6  # the two forms agree
+
+
+def test_gpu_script_dry_run(tmp_path):
+    """benchmarks/gpu.sh --dry-run: the GPU pipeline on the CPU at tiny sizes."""
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu.sh"), "--dry-run", "--backends", backend]
+        + ["--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    step = json.loads((tmp_path / f"step_time-{backend}.json").read_text())
+    case = step["jit_compile"]["false"]["cases"]["demo"]
+    assert list(case["variants"]) == ["a", "d", "e"]
+    assert all(_positive(v["median_step_ms"]) for v in case["variants"].values())
+    scaling = json.loads((tmp_path / f"scaling-{backend}.json").read_text())
+    assert [p["axis"] for p in scaling["points"]] == ["middle"]
+    assert _positive(scaling["points"][0]["kd_gram_step_ms"])

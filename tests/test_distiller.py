@@ -407,3 +407,41 @@ def test_a_loss_given_by_name_has_its_labels_checked_as_classes():
     distiller.compile("adam", "sparse_categorical_crossentropy")
     logs = distiller.evaluate(x, y, return_dict=True, verbose=0)
     assert logs["skipped_samples"] == 1 and np.isfinite(logs["task_loss"])
+
+
+class _CountedLoss(keras.losses.SparseCategoricalCrossentropy):
+    """Counts the per-sample computations (`call`) of the task loss."""
+
+    calls = 0
+
+    def call(self, y_true, y_pred):
+        type(self).calls += 1
+        return super().call(y_true, y_pred)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_one_step_computes_the_per_sample_task_loss_once_on_logits(from_logits):
+    # On logits the value that checks each row is also the loss; a loss of
+    # probabilities is computed again on the final rows (a row whose loss is
+    # not finite then reaches the gradient only as a constant).
+    x, y = make_data(n=16)
+    distiller = build(compile_args={"loss": _CountedLoss(from_logits=from_logits)})
+    distiller.compile("adam", _CountedLoss(from_logits=from_logits), run_eagerly=True)
+    _CountedLoss.calls = 0
+    distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert _CountedLoss.calls == (1 if from_logits else 2)
+
+
+@pytest.mark.parametrize("metrics", [None, ["accuracy"]])
+def test_skipped_rows_are_masked_for_compiled_metrics_only(metrics):
+    # Without compiled metrics nothing reads the masked outputs: no masking.
+    x, y = make_data(n=16)
+    distiller = build(compile_args={"loss": sparse_ce()})
+    distiller.compile("adam", sparse_ce(), metrics=metrics, run_eagerly=True)
+    calls = []
+    original = distiller._skipped_rows.call
+    distiller._skipped_rows.call = lambda inputs: calls.append(1) or original(inputs)
+    logs = distiller.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    assert bool(calls) == bool(metrics)
+    assert ("accuracy" in logs) == bool(metrics)
+    assert np.isfinite(logs["task_loss"][-1])
