@@ -240,9 +240,6 @@ def _input_keys(network, x):
     return keys if all(key in x for key in keys) else None
 
 
-_Y_PRED_KEY, _OK_KEY = "keras_gramkd/y_pred", "keras_gramkd/ok"
-
-
 def _valid_labels(y, n_classes, ignore_class=None):
     """(batch,) bool: sparse class labels integral and in [0, n_classes) (or
     the ignore class); any labels finite."""
@@ -1010,25 +1007,14 @@ class Distiller(keras.Model):
                 batch[key] = x[key]
         return self._teacher.select_inputs(batch)
 
-    def compute_loss_and_updates(self, *args, **kwargs):
-        """JAX's stateless loss (the JAX trainer calls it inside the gradient),
-        carrying the step's good-sample mask out to `compute_metrics` beside
-        `y_pred`, so that the data checks are not made a second time there."""
-        loss, (unscaled, y_pred, non_trainable, metrics) = (
-            super().compute_loss_and_updates(*args, **kwargs)
-        )
-        ok = self._ok_cache.take(y_pred)
-        if ok is not None:
-            y_pred = {_Y_PRED_KEY: y_pred, _OK_KEY: ok}
-        return loss, (unscaled, y_pred, non_trainable, metrics)
-
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """Keras' metrics, with the samples `compute_loss` skipped left out
         (weight 0, and their labels and outputs zeroed so no NaN enters)."""
-        if isinstance(y_pred, dict) and _OK_KEY in y_pred:  # from JAX's step
-            y_pred, ok = y_pred[_Y_PRED_KEY], y_pred[_OK_KEY]
-        else:
-            ok = self._ok_cache.take(y_pred)
+        # On JAX, compute_loss ran inside the gradient's trace and y_pred is a
+        # new array here: the cache misses and the checks are made again below
+        # (carrying them out would mean overriding the JAX trainer's
+        # non-public compute_loss_and_updates).
+        ok = self._ok_cache.take(y_pred)
         if not self._compiled_metrics:
             # Nothing but the trackers (updated in compute_loss) to report: the
             # masking below would be work for no metric.
