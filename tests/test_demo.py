@@ -183,8 +183,15 @@ def test_unreliable_swaps_views_between_samples_for_teacher_and_student():
 
 def test_missing_setting_trains_with_modality_dropout():
     data = settings.load_setting("missing", ["mor"])
+    noisy = settings.load_setting("noisy", ["mor"])
     assert data.modality_dropout == settings.MISSING_DROPOUT
-    assert data.headline == "dropped"
+    assert data.headline == "dropped" and data.student_noise == demo.NOISE_STD
+    np.testing.assert_array_equal(
+        data.student_test[0]["mor"], noisy.student_test[0]["mor"]
+    )
+    np.testing.assert_array_equal(
+        data.teacher_test[0]["mor"], noisy.teacher_test[0]["mor"]
+    )
 
 
 def test_methods_add_each_term_to_kd_at_the_reference_weights():

@@ -19,9 +19,11 @@ and the student see:
   corrupted inputs, so which views agree with which differs per sample: the
   teacher's modality Gram carries that, its logits do not. Both fuse their
   views with attention (the other settings' student concatenates them);
-- ``missing``: the student trains with `ModalityDropout` (each view zeroed
-  with probability `MISSING_DROPOUT`) and is judged with one view missing at
-  test time (the mean over views); the teacher sees every view.
+- ``missing``: the ``noisy`` student (on clean views, a student trained with
+  modality dropout matches the teacher with a view missing: nothing to
+  distil) also trains with `ModalityDropout` (each view zeroed with
+  probability `MISSING_DROPOUT`) and is judged with one view missing at test
+  time (the mean over views); the teacher sees every clean view.
 
 Example:
 
@@ -147,8 +149,8 @@ def load_setting(setting=DEFAULT_SETTING, views=None, train_per_class=None):
     if train_per_class is not None:
         x_tr, y_tr = subsample(x_tr, y_tr, int(train_per_class), rng)
     train, test = (x_tr, y_tr), (x_te, y_te)
+    noisy_test = (add_fixed_noise(x_te, TEST_NOISE_SEED), y_te)
     if setting == "noisy":
-        noisy_test = (add_fixed_noise(x_te, TEST_NOISE_SEED), y_te)
         return SettingData(setting, train, train, test, noisy_test, NOISE_STD)
     if setting == "few-labels":
         partial = (x_tr, _unlabel_all_but(y_tr, FEW_LABELS_PER_CLASS, rng))
@@ -163,7 +165,8 @@ def load_setting(setting=DEFAULT_SETTING, views=None, train_per_class=None):
             train,
             train,
             test,
-            test,
+            noisy_test,
+            NOISE_STD,
             modality_dropout=MISSING_DROPOUT,
             headline="dropped",
         )
