@@ -135,6 +135,41 @@ def test_demo_students_load_with_only_keras_imported(tmp_path, fusion):
     assert np.abs(noisy - expected).max() > 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("setting", "methods", "headline", "labelled"),
+    [
+        ("unreliable", ["kd", "gram_fused", "gram_fused_batch_mean"], "accuracy", 200),
+        ("missing", ["kd", "gram"], "dropped", 200),
+        ("few-labels", ["labels", "kd", "sp"], "accuracy", 100),
+    ],
+)
+def test_each_setting_runs_its_quick_study(
+    tmp_path, setting, methods, headline, labelled
+):
+    results = demo.run_study(
+        views=VIEWS,
+        setting=setting,
+        seeds=1,
+        epochs=1,
+        teacher_epochs=1,
+        methods=methods,
+        train_per_class=TRAIN_PER_CLASS,
+        out=str(tmp_path),
+        verbose=False,
+    )
+    data = results["data"]
+    assert data["setting"] == setting and results["headline"] == headline
+    assert data["n_train_student"] == 200 and data["n_labelled_student"] == labelled
+    assert list(results["study"]["methods"]) == methods
+    measure = {"accuracy": "test accuracy", "dropped": "accuracy with one view missing"}
+    assert f"{setting} setting ({measure[headline]}" in results["conclusion"]
+    fusion = "attention" if setting == "unreliable" else "concat"
+    assert results["student"]["fusion"] == fusion
+    student = keras.saving.load_model(tmp_path / "student.keras")
+    assert student.count_params() == results["student"]["params"]
+
+
 def test_noisy_test_split_is_fixed_and_teacher_split_is_clean():
     a = settings.load_setting("noisy", ["mor"], train_per_class=2)
     b = settings.load_setting("noisy", ["mor"], train_per_class=2)
