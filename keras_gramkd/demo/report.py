@@ -111,12 +111,32 @@ def data_summary(data, views):
     }
 
 
+# Two-sided 95 % critical values of Student's t for 1..30 degrees of freedom
+# (n seeds give n - 1): with few seeds "2 standard errors" is far too lenient.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t_critical(n):
+    """The 95 % two-sided critical value of t for a mean over `n` seeds.
+
+    >>> t_critical(10)
+    2.262
+    """
+    return _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+
+
 def _verdict(p):
-    if len(p["diffs"]) < 2:
+    n = len(p["diffs"])
+    if n < 2:
         return "one seed cannot tell"
-    if p["mean"] - 2 * p["se"] > 0:
+    margin = t_critical(n) * p["se"]
+    if p["mean"] - margin > 0:
         return "helped"
-    if p["mean"] + 2 * p["se"] < 0:
+    if p["mean"] + margin < 0:
         return "hurt"
     return "within seed noise"
 
@@ -136,8 +156,9 @@ def conclusion(result, data, gram):
     paired = {m: result.paired(m, measure) for m in others}
     parts = [
         f"On the {data.setting} setting ({MEASURES[measure]}, paired over "
-        f"{n} seed(s), mean ± standard error, a difference counted when it "
-        "is beyond 2 standard errors):"
+        f"{n} seed(s), mean ± standard error; a difference counts when its 95 % "
+        f"confidence interval excludes 0, i.e. beyond {t_critical(max(n, 2)):.2f} "
+        "standard errors):"
     ]
     if gram in paired:
         p = paired[gram]
@@ -164,9 +185,9 @@ def conclusion(result, data, gram):
     parts.append(
         f"The largest mean gain over KD: {best} ({_points(paired[best])}). "
         + (
-            f"Beyond 2 standard errors: {', '.join(helped)} helped"
+            f"Beyond the 95 % interval: {', '.join(helped)} helped"
             if helped
-            else "No term beat KD beyond 2 standard errors"
+            else "No term beat KD beyond the 95 % interval"
         )
         + (f"; {', '.join(hurt)} hurt." if hurt else ".")
     )
