@@ -59,7 +59,7 @@ def add_demo_arguments(parser):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 1 seed, 2 epochs, labels, kd and the Gram",
+        help="smoke run: 1 seed, 5 epochs, labels, kd and the Gram",
     )
     parser.add_argument(
         "--out", default=None, help="output folder (default runs/demo-<timestamp>/)"
