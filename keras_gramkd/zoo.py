@@ -32,7 +32,6 @@ True
 
 import keras
 
-from keras_gramkd.datasets import MFEAT_VIEWS
 from keras_gramkd.layers import ModalityDropout, ModalityStack
 
 N_CLASSES = 10
@@ -48,26 +47,6 @@ FEATURES = {
     "teacher": {"tokens": "t_tokens", "fused": "t_fused", "pooled": "t_pool"},
     "student": {"tokens": "s_tokens", "fused": "s_fused", "pooled": "s_pool"},
 }
-
-
-def check_views(views):
-    """The view names to use: all of `MFEAT_VIEWS` for None, else checked.
-
-    >>> check_views("fou,mor")
-    ('fou', 'mor')
-    """
-    if views is None:
-        return tuple(MFEAT_VIEWS)
-    if isinstance(views, str):
-        views = [v for v in views.split(",") if v]
-    views = tuple(views)
-    unknown = [v for v in views if v not in MFEAT_VIEWS]
-    if not views or unknown or len(set(views)) != len(views):
-        raise ValueError(
-            f"Bad --views {list(views)}: give distinct view names from "
-            f"{list(MFEAT_VIEWS)} (unknown: {unknown})."
-        )
-    return views
 
 
 def view_addresses(prefix, views):

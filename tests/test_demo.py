@@ -288,7 +288,7 @@ def test_keras_kd_method_is_keras_own_distiller():
     [
         ({"setting": "foggy"}, "Unknown setting 'foggy'"),
         ({"views": ["pix", "nope"]}, "nope"),
-        ({"views": "pix,pix"}, "distinct"),
+        ({"views": "pix,pix"}, "duplicates"),
         ({"epochs": 0}, "--epochs must be >= 1"),
         ({"gram_weight": -1.0}, "--gram-weight"),
         ({"temperature": float("nan")}, "--temperature"),

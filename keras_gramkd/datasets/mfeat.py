@@ -42,11 +42,17 @@ def _read_npz():
         return {key: data[key] for key in data.files}
 
 
-def _check_views(views):
+def check_views(views):
+    """The view names to use: all of `MFEAT_VIEWS` for None, else checked
+    (a string may list several, comma-separated, as the CLIs take them).
+
+    >>> check_views("fou,mor")
+    ('fou', 'mor')
+    """
     if views is None:
         return MFEAT_VIEWS
     if isinstance(views, str):
-        views = (views,)
+        views = [v for v in views.split(",") if v]
     views = tuple(views)
     if not views:
         raise ValueError(
@@ -116,7 +122,7 @@ def load_mfeat(views=None, test_size=0.5, seed=0, pix_as_image=False):
     >>> x_train["pix"].shape
     (1000, 16, 15, 1)
     """
-    views = _check_views(views)
+    views = check_views(views)
     if isinstance(test_size, bool) or not isinstance(test_size, numbers.Real):
         raise ValueError(f"`test_size` must be a number in (0, 1); got {test_size!r}.")
     if not 0.0 < float(test_size) < 1.0:

@@ -38,7 +38,7 @@ import dataclasses
 import numpy as np
 
 from keras_gramkd.datasets import load_mfeat
-from keras_gramkd.zoo import check_views
+from keras_gramkd.datasets.mfeat import check_views
 
 SETTINGS = ("clean", "noisy", "few-labels", "unreliable", "missing")
 DEFAULT_SETTING = "noisy"

@@ -19,6 +19,7 @@ import keras
 
 from keras_gramkd import zoo
 from keras_gramkd.console import make_console
+from keras_gramkd.datasets.mfeat import check_views
 from keras_gramkd.demo import report
 from keras_gramkd.demo.methods import QUICK_METHODS, demo_methods, main_gram
 from keras_gramkd.demo.settings import (
@@ -57,7 +58,7 @@ def resolve_config(views, setting, quick=False, methods=None, **options):
     options that are not None; raises ValueError naming the bad option."""
     cfg = {**DEFAULTS, **(QUICK if quick else {})}
     cfg.update({k: v for k, v in options.items() if v is not None})
-    cfg["views"] = list(zoo.check_views(views))
+    cfg["views"] = list(check_views(views))
     cfg["setting"] = check_setting(setting)
     cfg["quick"] = bool(quick)
     for key in ("epochs", "teacher_epochs", "seeds"):

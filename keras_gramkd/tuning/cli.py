@@ -16,6 +16,7 @@ import numpy as np
 
 from keras_gramkd import zoo
 from keras_gramkd.console import make_console, new_table
+from keras_gramkd.datasets.mfeat import check_views
 from keras_gramkd.demo.settings import (
     NOISE_STD,
     TEST_NOISE_SEED,
@@ -180,7 +181,7 @@ def _trials_table(console, trials, hypermodel, objective, epochs):
 
 def _check_args(args):
     """The views to use; raises ValueError for a bad option."""
-    views = zoo.check_views(
+    views = check_views(
         [v for item in args.views for v in item.split(",") if v] if args.views else None
     )
     for name in ("trials", "epochs", "teacher_epochs"):
