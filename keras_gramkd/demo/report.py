@@ -154,11 +154,15 @@ def conclusion(result, data, gram):
     if not others:
         return "Only labels and KD ran: no term to judge."
     paired = {m: result.paired(m, measure) for m in others}
+    rule = (
+        f"a difference counts when its 95 % confidence interval excludes 0, "
+        f"i.e. beyond {t_critical(n):.2f} standard errors"
+        if n > 1
+        else "one seed gives no interval"
+    )
     parts = [
         f"On the {data.setting} setting ({MEASURES[measure]}, paired over "
-        f"{n} seed(s), mean ± standard error; a difference counts when its 95 % "
-        f"confidence interval excludes 0, i.e. beyond {t_critical(max(n, 2)):.2f} "
-        "standard errors):"
+        f"{n} seed(s), mean ± standard error; {rule}):"
     ]
     if gram in paired:
         p = paired[gram]
