@@ -211,6 +211,9 @@ def test_markdown_json_and_plot():
     se = 100 * diffs.std(ddof=1) / np.sqrt(3)
     assert f"+{100 * diffs.mean():.2f} ± {se:.2f}" in gram
     assert "| 2 of 3 |" in gram and "| 0.200 |" in gram
+    assert result.values("gram", "dropped") == pytest.approx([0.66, 0.69, 0.65])
+    with pytest.raises(ValueError, match="Unknown measure 'f1'"):
+        result.values("gram", "f1")
     data = json.loads(result.to_json())
     assert data["paired_vs_reference"]["gram"]["better"] == 2
     again = StudyResult.from_json(result.to_json())

@@ -73,19 +73,11 @@ class Progress:
         return _Epochs()
 
 
-def headline_values(result, method, measure):
-    """Per-seed values of `measure` ("accuracy" or "dropped") for a method."""
-    runs = result.methods[method]
-    if measure == "accuracy":
-        return list(runs.accuracy)
-    return list(np.mean(list(runs.dropped.values()), axis=0))
-
-
 def best_run(result, measure, only=None):
     """(method, seed) of the best method by mean `measure`, at its best seed."""
     names = [only] if only else list(result.methods)
-    method = max(names, key=lambda m: np.mean(headline_values(result, m, measure)))
-    values = headline_values(result, method, measure)
+    method = max(names, key=lambda m: np.mean(result.values(m, measure)))
+    values = result.values(method, measure)
     return method, result.methods[method].seeds[int(np.argmax(values))]
 
 
@@ -176,8 +168,8 @@ def conclusion(result, data, gram):
             if name in result.methods:
                 q = result.paired(name, measure)
                 gain = paired_difference(
-                    headline_values(result, gram, measure),
-                    headline_values(result, name, measure),
+                    result.values(gram, measure),
+                    result.values(name, measure),
                 )
                 parts.append(
                     f"Its {control.replace('_', '-')} control: {_points(q)}; the "

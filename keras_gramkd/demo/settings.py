@@ -50,6 +50,12 @@ MISSING_DROPOUT = 0.3
 SPLIT_SEED = 0
 TEST_NOISE_SEED = 1234
 SWAP_SEEDS = {"train": 101, "test": 102}
+ATTENTION_SETTINGS = ("unreliable",)  # the others' students concatenate
+
+
+def setting_fusion(setting):
+    """How the setting's student fuses its views (known before any data loads)."""
+    return "attention" if setting in ATTENTION_SETTINGS else "concat"
 
 
 @dataclasses.dataclass
@@ -158,7 +164,9 @@ def load_setting(setting=DEFAULT_SETTING, views=None, train_per_class=None):
     if setting == "unreliable":
         train = (swap_views(x_tr, SWAP_PROBABILITY, SWAP_SEEDS["train"]), y_tr)
         test = (swap_views(x_te, SWAP_PROBABILITY, SWAP_SEEDS["test"]), y_te)
-        return SettingData(setting, train, train, test, test, fusion="attention")
+        return SettingData(
+            setting, train, train, test, test, fusion=setting_fusion(setting)
+        )
     if setting == "missing":
         return SettingData(
             setting,

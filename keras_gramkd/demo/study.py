@@ -29,6 +29,7 @@ from keras_gramkd.demo.settings import (
     add_fixed_noise,
     check_setting,
     load_setting,
+    setting_fusion,
 )
 from keras_gramkd.study import SeededBatches, compare_methods, modality_grams
 
@@ -82,7 +83,7 @@ def resolve_config(views, setting, quick=False, methods=None, **options):
             f"Unknown --gram-normalize {cfg['gram_normalize']!r}; choose one of "
             f"{GRAM_NORMALIZE_CHOICES}."
         )
-    available, _ = demo_methods(cfg, cfg["views"], load_fusion(cfg["setting"]))
+    available, _ = demo_methods(cfg, cfg["views"], setting_fusion(cfg["setting"]))
     if methods is None:
         methods = [m for m in available if not quick or m in QUICK_METHODS]
     methods = [m for item in methods for m in item.split(",") if m]
@@ -99,11 +100,6 @@ def resolve_config(views, setting, quick=False, methods=None, **options):
         student_learning_rate=zoo.STUDENT_LEARNING_RATE,
     )
     return cfg
-
-
-def load_fusion(setting):
-    """The fusion of the setting's networks, without loading its data."""
-    return "attention" if setting == "unreliable" else "concat"
 
 
 def _model_size(model):

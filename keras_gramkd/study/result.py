@@ -121,16 +121,18 @@ class StudyResult:
         `measure` is `"accuracy"` or `"dropped"` (the mean accuracy over the
         single dropped modalities).
         """
-        values = {m: self._values(r, measure) for m, r in self.methods.items()}
+        values = {m: self.values(m, measure) for m in self.methods}
         return {
             "seeds": self.methods[name].seeds,
             **paired_difference(values[name], values[self.reference]),
         }
 
-    @staticmethod
-    def _values(result, measure):
+    def values(self, name, measure="accuracy"):
+        """Method `name`'s per-seed `"accuracy"`, or `"dropped"`: its mean
+        accuracy over the single dropped modalities."""
+        result = self.methods[name]
         if measure == "accuracy":
-            return result.accuracy
+            return list(result.accuracy)
         if measure == "dropped":
             return list(np.mean(list(result.dropped.values()), axis=0))
         raise ValueError(f"Unknown measure {measure!r}; use 'accuracy' or 'dropped'.")
