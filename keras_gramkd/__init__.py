@@ -46,6 +46,7 @@ _SUBMODULES = (
     "ops",
     "plots",
     "relational",
+    "relational_ops",
     "study",
     "terms",
 )

@@ -44,13 +44,29 @@ batch size, for the task loss and every term alike.
 """
 
 import keras
-import numpy as np
 from keras import ops
 
 # Imported for its registrations: a Distiller saved with relational terms
 # (SPTerm, ...) loads wherever the Distiller class does.
 from keras_gramkd import relational  # noqa: F401
-from keras_gramkd.features import pool_tokens
+from keras_gramkd.bad_samples import (
+    EMPTY_DATA_MESSAGE,
+    MODALITY_MASK_KEY,
+    DataGuard,
+    SkippedRows,
+    both,
+    check_arrays,
+    check_mask_values,
+    finite_rows,
+    finite_samples,
+    is_empty_source,
+    is_float_tensor,
+    mask_values_ok,
+    valid_labels,
+    where_samples,
+    zero_bad_samples,
+)
+from keras_gramkd.checks import check_choice
 from keras_gramkd.losses import check_temperature
 from keras_gramkd.network import (
     Network,
@@ -58,21 +74,13 @@ from keras_gramkd.network import (
     check_separate,
     symbolic_output,
 )
-from keras_gramkd.ops import check_choice
 from keras_gramkd.replicas import scale_for_replicas, unscale_for_replicas
-from keras_gramkd.terms import (
-    TARGET_PREFIX,
-    DistillationTerm,
-    GramTerm,
-    KDTerm,
-    NetworkOutputs,
-    check_weight,
-    spec_config,
-    spec_features,
-    target_key,
-)
+from keras_gramkd.task_loss import TaskLoss
+from keras_gramkd.term_list import ActiveTerms, check_terms, short_form_terms
+from keras_gramkd.terms import check_weight, spec_config, target_key
 
-MODALITY_MASK_KEY = "modality_mask"
+__all__ = ["BAD_SAMPLE_POLICIES", "MODALITY_MASK_KEY", "Distiller"]
+
 BAD_SAMPLE_POLICIES = ("raise", "skip")
 
 
@@ -98,207 +106,6 @@ class _ForwardCache:
         return None
 
 
-def _sample_axes(tensor):
-    return tuple(range(1, len(tensor.shape))) or None
-
-
-def _finite_samples(x):
-    """(batch,) bool: True where every float tensor of the sample is finite.
-
-    Tensors of one dtype whose sample shapes are known are checked as one
-    (batch, -1) concatenation: one check instead of one per tensor (on eager
-    PyTorch each check is several dispatched operations).
-    """
-    finite, groups = None, {}
-    for tensor in filter(_is_float_tensor, keras.tree.flatten(x)):
-        size = _sample_size(tensor)
-        if size is None:
-            finite = _and(finite, _finite_rows(tensor))
-        else:
-            key = keras.backend.standardize_dtype(tensor.dtype)
-            groups.setdefault(key, []).append(ops.reshape(tensor, (-1, size)))
-    for flat in groups.values():
-        joined = flat[0] if len(flat) == 1 else ops.concatenate(flat, axis=1)
-        finite = _and(finite, _finite_rows(joined))
-    return finite
-
-
-def _sample_size(tensor):
-    """The number of values in one sample of `tensor`, or None if unknown."""
-    size = 1
-    for dim in tensor.shape[1:]:
-        if dim is None:
-            return None
-        size *= int(dim)
-    return size if size > 0 else None
-
-
-def _finite_rows(tensor):
-    """(batch,) bool: True where every entry of the sample is finite."""
-    ok = ops.isfinite(tensor)
-    axes = _sample_axes(tensor)
-    return ops.all(ok, axis=axes) if axes else ok
-
-
-def _and(a, b):
-    if a is None:
-        return b
-    return a if b is None else ops.logical_and(a, b)
-
-
-def _class_range(loss):
-    """(True, ignore_class) when the task loss (a `keras.losses.Loss`) is sparse
-    categorical cross-entropy, the one loss whose labels are class indices;
-    else (False, None)."""
-    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
-        return True, loss.get_config().get("ignore_class")
-    if getattr(loss, "fn", None) is keras.losses.sparse_categorical_crossentropy:
-        return True, None  # the function, wrapped as compile wraps it
-    return False, None
-
-
-def _task_loss_object(loss):
-    """The compiled task loss as one `keras.losses.Loss`, or None.
-
-    The student has one output, so the task loss is one loss (a list of one
-    is unwrapped). A function or a function's name is wrapped in a `Loss`, as
-    Keras' `compile` wraps it.
-    """
-    if isinstance(loss, (list, tuple)) and len(loss) == 1:
-        loss = loss[0]
-    if loss is None or isinstance(loss, keras.losses.Loss):
-        return loss
-    if isinstance(loss, (dict, list, tuple)):
-        raise ValueError(
-            "The Distiller's student has one output, so compile takes one task "
-            f"loss; got {loss!r}. Pass one loss, e.g. "
-            "keras.losses.SparseCategoricalCrossentropy(from_logits=True)."
-        )
-    if str(loss).lower() in ("crossentropy", "ce"):
-        raise ValueError(
-            f"loss={loss!r} leaves the kind of cross-entropy to be guessed from "
-            "the labels' shape; name it: 'sparse_categorical_crossentropy' "
-            "(integer labels), 'categorical_crossentropy' (one-hot) or "
-            "'binary_crossentropy' (one unit), or pass a keras.losses.Loss."
-        )
-    function = keras.losses.get(loss)
-    if isinstance(function, keras.losses.Loss):
-        return function
-    name = loss if isinstance(loss, str) else getattr(function, "__name__", None)
-    return _FunctionLoss(function, name=name)
-
-
-class _FunctionLoss(keras.losses.Loss):
-    """A loss function `fn(y_true, y_pred)` as a `keras.losses.Loss` (Keras'
-    own wrapper is not public): its reduction, weights and masks are Keras'."""
-
-    def __init__(self, fn, name=None):
-        super().__init__(name=name)
-        self.fn = fn
-
-    def call(self, y_true, y_pred):
-        return self.fn(y_true, y_pred)
-
-
-_FROM_LOGITS_LOSSES = (
-    keras.losses.SparseCategoricalCrossentropy,
-    keras.losses.CategoricalCrossentropy,
-    keras.losses.BinaryCrossentropy,
-)
-
-
-def _gradient_safe(loss):
-    """True when the task loss's gradient is finite wherever its input logits
-    are, even on a row whose value overflows (Keras' cross-entropies on
-    logits: softmax/sigmoid minus the labels). Then one per-sample
-    computation serves both the check and the loss; any other loss is
-    computed again on the final rows, so that a row whose loss is not finite
-    reaches the gradient only as the constant it is replaced by."""
-    if not isinstance(loss, _FROM_LOGITS_LOSSES):
-        return False
-    return bool(loss.get_config().get("from_logits"))
-
-
-class _Reduced(keras.losses.Loss):
-    """Reduces per-sample values already computed by `loss.call` as `loss`
-    itself would (its reduction, dtype, the mask its values carry), with the
-    skipped rows (y_true 0) replaced by 0."""
-
-    def __init__(self, loss):
-        super().__init__(name=loss.name, reduction=loss.reduction, dtype=loss.dtype)
-
-    def call(self, keep, values):
-        return ops.where(keep > 0, values, ops.zeros_like(values))
-
-
-def _input_keys(network, x):
-    """The batch keys `network` reads, or None where x is not a dict of them."""
-    if network.inputs is None or not isinstance(x, dict):
-        return None
-    inputs = network.inputs
-    keys = [inputs] if isinstance(inputs, str) else list(inputs)
-    return keys if all(key in x for key in keys) else None
-
-
-def _valid_labels(y, n_classes, ignore_class=None):
-    """(batch,) bool: sparse class labels integral and in [0, n_classes) (or
-    the ignore class); any labels finite."""
-    dtype = keras.backend.standardize_dtype(y.dtype)
-    if dtype == "bool":
-        return None
-    if n_classes is None:  # not class labels: only finiteness matters
-        return _finite_rows(y) if "float" in dtype else None
-    if "float" in dtype:
-        ok = ops.logical_and(ops.isfinite(y), ops.equal(y, ops.floor(y)))
-        ok = ops.logical_and(ok, ops.logical_and(y >= 0, y < n_classes))
-    else:
-        ok = ops.logical_and(y >= 0, y < n_classes)
-    if ignore_class is not None:
-        ok = ops.logical_or(ok, ops.equal(y, ignore_class))
-    axes = _sample_axes(y)
-    return ops.all(ok, axis=axes) if axes else ok
-
-
-def _where_samples(ok, tensor, fill=0.0):
-    """`tensor` with the samples where `ok` is False replaced by `fill`."""
-    if len(tensor.shape) == 0:
-        return tensor
-    shape = (-1,) + (1,) * (len(tensor.shape) - 1)
-    keep = ops.reshape(ok, shape)
-    # Not full_like: on PyTorch it reads the fill back from the device.
-    if fill == 0:
-        return ops.where(keep, tensor, ops.zeros_like(tensor))
-    return ops.where(keep, tensor, fill)
-
-
-def _is_float_tensor(value):
-    return (
-        hasattr(value, "shape")
-        and len(value.shape) > 0
-        and "float" in keras.backend.standardize_dtype(value.dtype)
-    )
-
-
-def _zero_bad_samples(x, ok):
-    """x with every float input of the samples where `ok` is False zeroed."""
-    return keras.tree.map_structure(
-        lambda t: _where_samples(ok, t) if _is_float_tensor(t) else t, x
-    )
-
-
-class _SkippedRows(keras.layers.Layer):
-    """Marks the skipped samples of `y_pred` with a Keras mask (False), which
-    every Keras metric honours, weighted or not: `metrics=["accuracy"]`
-    passes no sample weight, so a weight of 0 alone would not leave them out."""
-
-    def call(self, inputs):
-        y_pred, ok = inputs
-        return _where_samples(ok, y_pred)
-
-    def compute_mask(self, inputs, mask=None):
-        return inputs[1]
-
-
 class _LossMean(keras.metrics.Metric):
     """`keras.metrics.Mean` of one loss value per batch, weighted by the
     batch size: the same result (total / count) with half the operations per
@@ -315,199 +122,6 @@ class _LossMean(keras.metrics.Metric):
 
     def result(self):
         return ops.divide_no_nan(self.total, self.count)
-
-
-class _DataGuard(keras.callbacks.Callback):
-    """Stops `fit` after a step that skipped bad samples (unless told to skip),
-    and when the training data yields no batch at all.
-
-    `async_safe`: on JAX and PyTorch, Keras runs the batch hooks of async-safe
-    callbacks in a worker thread; a callback that is not would make every step
-    wait for its logs to reach the host, stalling the device pipeline. The
-    error then surfaces a step or so later, or at the end of the epoch at the
-    latest; the skipped samples never reach the weights either way.
-    """
-
-    async_safe = True
-
-    def __init__(self, on_bad_sample):
-        super().__init__()
-        self.on_bad_sample = on_bad_sample
-        self.epochs_begun = 0
-        self.batches = 0
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epochs_begun += 1
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.batches += 1
-        skipped = float((logs or {}).get("skipped_samples", 0.0))
-        if skipped > 0 and self.on_bad_sample == "raise":
-            raise ValueError(
-                f"{skipped:.0f} training sample(s) in epoch {self.epoch + 1} up to "
-                f"batch {batch + 1} have NaN or inf inputs, or a label outside "
-                "[0, classes), a NaN or inf sample or class weight, a "
-                "modality_mask value other than 0/1, or a NaN or inf output or "
-                "loss (an overflow inside a network). They were left out of the "
-                "step, so the weights hold no NaN (unless the student's own "
-                "layers overflowed; docs/bad_inputs.md). Clean the data (np.isfinite "
-                "on each input and weight, the label range, the input scale), "
-                "or build the Distiller with "
-                "on_bad_sample='skip' to leave such samples out and count them "
-                "in the skipped_samples metric."
-            )
-
-    def on_train_end(self, logs=None):
-        if self.epochs_begun and not self.batches:
-            raise ValueError(EMPTY_DATA_MESSAGE)
-
-
-EMPTY_DATA_MESSAGE = (
-    "The training data yielded no batch: the data set is empty. Check the "
-    "data source (for a tf.data.Dataset, that it is not filtered to nothing "
-    "and that take()/skip() counts are right)."
-)
-
-
-def _is_empty_source(x):
-    """True for a tf.data.Dataset or PyDataset known to hold no batch."""
-    cardinality = getattr(x, "cardinality", None)
-    if callable(cardinality):
-        return int(cardinality()) == 0
-    num_batches = getattr(x, "num_batches", None)
-    return num_batches == 0
-
-
-def _check_arrays(x, y):
-    """Names an empty or non-numeric array in numpy-style fit data."""
-    items = list(x.items()) if isinstance(x, dict) else [("x", x)]
-    items.append(("y", y))
-    for key, value in items:
-        leaves = keras.tree.flatten(value) if value is not None else []
-        for leaf in leaves:
-            dtype = getattr(leaf, "dtype", None)
-            if dtype is None or not hasattr(leaf, "__len__"):
-                continue
-            kind = getattr(dtype, "kind", "f")
-            if kind not in "biuf":
-                raise ValueError(
-                    f"Input {key!r} has dtype {dtype}; the Distiller trains on "
-                    "numbers. Encode it as numbers first (for example "
-                    "np.asarray(values, 'float32'))."
-                )
-            if len(leaf) == 0:
-                raise ValueError(
-                    f"Input {key!r} has no samples: the data set is empty. "
-                    "Check how the arrays were loaded or filtered."
-                )
-
-
-def _check_mask_values(x):
-    """Raises when a numpy `modality_mask` holds values other than 0 and 1."""
-    mask = x.get(MODALITY_MASK_KEY) if isinstance(x, dict) else None
-    if mask is None or type(mask).__module__ != "numpy":
-        return
-    mask = np.asarray(mask)
-    bad = ~np.isin(mask, (0, 1))
-    if bad.any():
-        row, col = (int(i) for i in np.argwhere(bad)[0][:2])
-        raise ValueError(
-            f"Batch key {MODALITY_MASK_KEY!r} holds {int(bad.sum())} value(s) "
-            f"other than 0 and 1 (the first: {mask[row, col]!r} in row {row}, "
-            f"column {col}). It marks each modality present (1) or missing (0); "
-            "it is not a weight. Threshold it, e.g. "
-            "(mask > 0.5).astype('float32')."
-        )
-
-
-@keras.saving.register_keras_serializable(package="keras_gramkd")
-def _check_unique_modalities(role, terms, features):
-    """Raises when two modalities of one term read the same tensor."""
-    for term in terms:
-        spec = term.student_spec() if role == "student" else term.teacher_spec()
-        if not isinstance(spec, dict):
-            continue
-        seen = {}
-        for name, feature in spec.items():
-            if feature.address in seen:
-                raise ValueError(
-                    f"In term {term.name!r}, the {role}'s modalities "
-                    f"{seen[feature.address]!r} and {name!r} both read "
-                    f"{feature.address!r}: their embeddings would be one tensor "
-                    "and the Gram term meaningless. Give each modality its own "
-                    "embedding layer."
-                )
-            seen[feature.address] = name
-
-
-def short_form_terms(
-    teacher_modalities,
-    student_modalities,
-    kd_weight,
-    gram_weight,
-    temperature,
-    gram_loss,
-):
-    """The terms of the Distiller's short form: `KDTerm` "kd", `GramTerm` "gram"."""
-    return [
-        KDTerm(temperature, weight=kd_weight, name="kd"),
-        GramTerm(
-            teacher_modalities,
-            student_modalities,
-            weight=gram_weight,
-            loss=gram_loss,
-            name="gram",
-        ),
-    ]
-
-
-def _check_terms(terms):
-    terms = list(terms)
-    for term in terms:
-        if not isinstance(term, DistillationTerm):
-            raise TypeError(
-                "terms must be a list of keras_gramkd.DistillationTerm (KDTerm, "
-                f"GramTerm, or your subclass); got {type(term).__name__}."
-            )
-    names = [term.name for term in terms]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(
-            f"Several terms are named {repeated}; each term needs its own name "
-            "(its metric is '<name>_loss'), e.g. GramTerm(..., name='gram_fused')."
-        )
-    if "task" in names:
-        raise ValueError(
-            "A term may not be named 'task': 'task_loss' is the metric of the "
-            "task loss. Choose another name."
-        )
-    return terms
-
-
-def _view(spec, features, pooled):
-    """A term's features of one network, from the network's {path: tensor}."""
-    if spec is None:
-        return None
-    if not isinstance(spec, dict):
-        return features[spec.address]
-    view = {}
-    for name, feature in spec.items():
-        key = (feature.address, feature.pool)
-        if key not in pooled:
-            pooled[key] = pool_tokens(features[feature.address], feature.pool)
-        view[name] = pooled[key]
-    return view
-
-
-def _shapes(spec, shapes):
-    if isinstance(spec, dict):
-        return {
-            name: (shapes[f.address][0], shapes[f.address][-1])
-            for name, f in spec.items()
-        }
-    return shapes[spec.address] if spec is not None else None
 
 
 @keras.saving.register_keras_serializable(package="keras_gramkd")
@@ -609,6 +223,7 @@ class Distiller(keras.Model):
             check_logits_layer(model, role)
         self._check_classes(teacher, student)
 
+        self.short_form = terms is None
         short_form = {
             "teacher_modalities": teacher_modalities,
             "student_modalities": student_modalities,
@@ -617,38 +232,20 @@ class Distiller(keras.Model):
             "temperature": temperature,
             "gram_loss": gram_loss,
         }
-        self.short_form = terms is None
-        if terms is None:
-            self.kd_weight = check_weight(
-                "kd_weight", 1.0 if kd_weight is None else kd_weight
+        given = [key for key, value in short_form.items() if value is not None]
+        if not self.short_form and given:
+            raise ValueError(
+                f"Pass either terms=[...] or the short form, not both: got "
+                f"terms and {given}. Put these settings in the terms, e.g. "
+                "KDTerm(temperature=4.0, weight=1.0), GramTerm("
+                "teacher_features, student_features, weight=1.0)."
             )
-            self.gram_weight = check_weight(
-                "gram_weight", 1.0 if gram_weight is None else gram_weight
-            )
-            self.temperature = check_temperature(
-                4.0 if temperature is None else temperature
-            )
-            terms = short_form_terms(
-                teacher_modalities,
-                student_modalities,
-                self.kd_weight,
-                self.gram_weight,
-                self.temperature,
-                gram_loss,
-            )
-        else:
-            given = [key for key, value in short_form.items() if value is not None]
-            if given:
-                raise ValueError(
-                    f"Pass either terms=[...] or the short form, not both: got "
-                    f"terms and {given}. Put these settings in the terms, e.g. "
-                    "KDTerm(temperature=4.0, weight=1.0), GramTerm("
-                    "teacher_features, student_features, weight=1.0)."
-                )
-            self.kd_weight = self.gram_weight = self.temperature = None
+        self.kd_weight = self.gram_weight = self.temperature = None
+        if self.short_form:
+            terms = self._short_form_terms(**short_form)
         self.teacher_modalities = teacher_modalities
         self.student_modalities = student_modalities
-        self.terms = _check_terms(terms)
+        self.terms = check_terms(terms)
         self.student_mask_layer = student_mask_layer
 
         teacher.trainable = False
@@ -656,9 +253,10 @@ class Distiller(keras.Model):
         self.student = student
         self._teacher = Network(teacher, "teacher")
         self._student = Network(student, "student")
-        self._active = [term for term in self.terms if term.weight > 0]
-        self.modality_names = self._collect_modality_names()
-        self._add_features()
+        self._active = ActiveTerms(
+            self.terms, self._teacher, self._student, student_mask_layer
+        )
+        self.modality_names = self._active.modality_names
 
         self.task_loss_tracker = (
             _LossMean(name="task_loss") if self.task_weight > 0 else None
@@ -670,14 +268,33 @@ class Distiller(keras.Model):
         self._forward_cache = _ForwardCache()
         self._inputs_cache = _ForwardCache()
         self._ok_cache = _ForwardCache()
-        self._task_loss_fn = self._task_loss_given = None  # set by compile
-        self._task_reducer = None
+        self._task = TaskLoss(None)  # set by compile
         self._compiled_metrics = False
         # One instance: a layer made inside a step breaks torch.compile and
         # costs a layer construction per step.
-        self._skipped_rows = _SkippedRows(name="skipped_rows")
+        self._skipped_rows = SkippedRows(name="skipped_rows")
         if teacher.built and student.built:
             self.built = True
+
+    def _short_form_terms(self, kd_weight, gram_weight, temperature, **modalities):
+        """The short form's terms; its settings, checked, become attributes."""
+        self.kd_weight = check_weight(
+            "kd_weight", 1.0 if kd_weight is None else kd_weight
+        )
+        self.gram_weight = check_weight(
+            "gram_weight", 1.0 if gram_weight is None else gram_weight
+        )
+        self.temperature = check_temperature(
+            4.0 if temperature is None else temperature
+        )
+        return short_form_terms(
+            modalities["teacher_modalities"],
+            modalities["student_modalities"],
+            self.kd_weight,
+            self.gram_weight,
+            self.temperature,
+            modalities["gram_loss"],
+        )
 
     @staticmethod
     def _check_classes(teacher, student):
@@ -695,39 +312,6 @@ class Distiller(keras.Model):
                 f"student a final Dense({t_classes}))."
             )
 
-    def _collect_modality_names(self):
-        names = []
-        for term in self._active:
-            if term.uses_mask:
-                names.extend(n for n in term.modality_names or [] if n not in names)
-        return names or None
-
-    def _add_features(self):
-        """Resolves every term's features; one extractor per network."""
-        features = {"teacher": [], "student": []}
-        for term in self._active:
-            features["teacher"] += spec_features(term.teacher_spec())
-            features["student"] += spec_features(term.student_spec())
-        # The mask only acts on terms that take it: with those off (a KD-only
-        # run of a student built with ModalityDropout) there is nothing to mask.
-        uses_mask = any(term.uses_mask for term in self._active)
-        mask_layer = self.student_mask_layer if uses_mask else None
-        t_shapes = self._teacher.add_features(features["teacher"])
-        s_shapes = self._student.add_features(features["student"], mask_layer)
-        for role, feats in features.items():
-            _check_unique_modalities(role, self._active, feats)
-        n_modalities = len(self.modality_names or [])
-        for term in self._active:
-            term.check_features(
-                _shapes(term.teacher_spec(), t_shapes),
-                _shapes(term.student_spec(), s_shapes),
-            )
-            spec = term.student_spec()
-            if term.uses_mask and spec is not None and not isinstance(spec, dict):
-                n_modalities = n_modalities or s_shapes[spec.address][1]
-        if self._student.mask_path is not None:
-            self._student.check_mask(n_modalities)
-
     def compile(self, optimizer="rmsprop", loss=None, *args, **kwargs):
         """`keras.Model.compile`; `loss` is the task loss on the student's
         logits (one loss: the student has one output), weighed by
@@ -737,11 +321,7 @@ class Distiller(keras.Model):
                 "The Distiller weighs its task loss by task_weight; build it with "
                 "task_weight=... instead of passing loss_weights to compile."
             )
-        self._task_loss_fn = _task_loss_object(loss)
-        self._task_loss_given = loss
-        self._task_reducer = (
-            None if self._task_loss_fn is None else _Reduced(self._task_loss_fn)
-        )
+        self._task = TaskLoss(loss)
         metrics = kwargs.get("metrics", args[1] if len(args) > 1 else None)
         weighted = kwargs.get("weighted_metrics", args[2] if len(args) > 2 else None)
         self._compiled_metrics = bool(metrics or weighted)
@@ -754,7 +334,7 @@ class Distiller(keras.Model):
         """`keras.Model.get_compile_config`, with the task loss given."""
         config = super().get_compile_config()
         if config is not None:
-            config["loss"] = keras.saving.serialize_keras_object(self._task_loss_given)
+            config["loss"] = keras.saving.serialize_keras_object(self._task.given)
         return config
 
     def compile_from_config(self, config):
@@ -775,9 +355,9 @@ class Distiller(keras.Model):
         **kwargs,
     ):
         """`keras.Model.fit`, plus the data checks described in the class."""
-        _check_arrays(x, y)
-        _check_mask_values(x)
-        if _is_empty_source(x):
+        check_arrays(x, y)
+        check_mask_values(x)
+        if is_empty_source(x):
             raise ValueError(EMPTY_DATA_MESSAGE)
         try:
             return super().fit(
@@ -786,7 +366,7 @@ class Distiller(keras.Model):
                 batch_size=batch_size,
                 epochs=epochs,
                 verbose=verbose,
-                callbacks=[*(callbacks or []), _DataGuard(self.on_bad_sample)],
+                callbacks=[*(callbacks or []), DataGuard(self.on_bad_sample)],
                 **kwargs,
             )
         except StopIteration:  # JAX's trainer peeks at a first batch
@@ -794,7 +374,7 @@ class Distiller(keras.Model):
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.evaluate`, plus the `modality_mask` value check."""
-        _check_mask_values(x)
+        check_mask_values(x)
         return super().evaluate(x, y, *args, **kwargs)
 
     def call(self, inputs, training=None):
@@ -805,9 +385,9 @@ class Distiller(keras.Model):
         ok = None
         if training:  # only the inputs the student reads: other keys may hold NaN
             selected = self._student.select_inputs(inputs)
-            ok = _finite_samples(selected)
+            ok = finite_samples(selected)
             if ok is not None:
-                inputs = _zero_bad_samples(inputs, ok)
+                inputs = zero_bad_samples(inputs, ok)
         logits, features, mask = self._student.forward(inputs, training)
         # compute_loss reads the features, and the input check made here, from
         # this same call: each is computed once per step.
@@ -815,58 +395,6 @@ class Distiller(keras.Model):
             self._forward_cache.put(logits, (features, mask))
         self._inputs_cache.put(logits, (ok, inputs))
         return logits
-
-    def _batch_mask(self, x, student_mask):
-        """The (batch, M) modality mask: the batch's and the student layer's."""
-        mask = x.get(MODALITY_MASK_KEY) if isinstance(x, dict) else None
-        if mask is not None:
-            m = len(self.modality_names or []) or None
-            if len(mask.shape) != 2 or (m and mask.shape[-1] not in (None, m)):
-                raise ValueError(
-                    f"Batch key {MODALITY_MASK_KEY!r} has shape "
-                    f"{tuple(mask.shape)}; it must be (batch, {m}), one 0/1 "
-                    f"column per modality in the order {self.modality_names}."
-                )
-            mask = ops.cast(mask, "float32")
-        if student_mask is not None:
-            student_mask = ops.cast(student_mask, "float32")
-            mask = student_mask if mask is None else mask * student_mask
-        return mask
-
-    def _term_mask(self, term, mask):
-        """The columns of the modality mask that belong to a term."""
-        if mask is None or not term.uses_mask:
-            return None
-        names = term.modality_names
-        if names is None or names == self.modality_names:
-            return mask
-        indices = [self.modality_names.index(name) for name in names]
-        return ops.take(mask, indices, axis=1)
-
-    def _cached_targets(self, x):
-        """{term name: targets} carried in the batch, or None to run the teacher."""
-        if not isinstance(x, dict) or not any(
-            str(key).startswith(TARGET_PREFIX) for key in x
-        ):
-            return None
-        cached = {}
-        for term in self._active:
-            prefix = target_key(term.name, "")
-            targets = {
-                key[len(prefix) :]: value
-                for key, value in x.items()
-                if str(key).startswith(prefix)
-            }
-            if not targets:
-                raise ValueError(
-                    "The batch carries cached teacher targets but none for "
-                    f"term {term.name!r} (keys '{prefix}...'). Rebuild the "
-                    "cache with keras_gramkd.cache.TeacherCache.build("
-                    "distiller, ...) for this Distiller."
-                )
-            term.check_cached(self._student.mask_path is not None)
-            cached[term.name] = targets
-        return cached
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -879,90 +407,101 @@ class Distiller(keras.Model):
             if extras is None:  # y_pred was not made by this model's call
                 _, *extras = self._student.forward(x, training)
             features, student_mask = extras
-        # The check of the student's inputs that call made, and its inputs.
-        inputs_ok, inputs = self._inputs_cache.take(y_pred) or (None, x)
         if y is not None and keras.backend.standardize_dtype(y.dtype) == "bool":
             y = ops.cast(y, "float32")  # as Keras' losses take them
-
-        # A sample is bad when anything it feeds a loss is not finite: an input
-        # a network reads, its label or weight, a network's output for it, or
-        # its task loss. It is left out with where() (never NaN·0) and weight 0.
-        cached = self._cached_targets(x) if self._active else None
         if sample_weight is not None:
             sample_weight = ops.cast(sample_weight, "float32")
-        ok = self._data_ok(x, y, y_pred, sample_weight, cached, inputs_ok)
-        task = self.task_weight > 0 and y is not None
-        ok = _and(ok, _finite_samples(features))
-        if cached is None and self._active:
-            teacher = self._teacher.forward(
-                self._teacher_inputs(x, ok, inputs_ok, inputs), training=False
-            )
-            ok = _and(ok, _finite_samples(teacher[:2]))
-        else:
-            teacher = None
-            ok = _and(ok, _finite_samples(cached))
-        values = None  # the per-sample task loss, when computed once for both uses
-        if task:
-            per_sample = getattr(self._task_loss_fn, "call", None)  # unreduced
-            if per_sample is not None:
-                labels = ops.cast(_where_samples(ok, y), y_pred.dtype)  # as Loss does
-                values = per_sample(
-                    labels, _where_samples(ok, y_pred, fill=1.0 / y_pred.shape[-1])
-                )
-                ok = ops.logical_and(ok, _finite_rows(values))
-                if not _gradient_safe(self._task_loss_fn):
-                    values = None  # computed again on the final rows below
-
+        cached = self._active.cached_targets(x)
+        ok, teacher, values = self._good_rows(
+            x, y, y_pred, sample_weight, features, cached
+        )
         self.skipped_samples_tracker.update_state(
             ops.sum(1.0 - ops.cast(ok, "float32"))
         )
         self._ok_cache.put(y_pred, ok)
+
+        # The bad rows are left out with where() (never NaN·0) and weight 0.
+        def drop(tree):
+            if tree is None:
+                return None
+            return keras.tree.map_structure(lambda v: where_samples(ok, v), tree)
+
         if isinstance(x, dict) and x.get(MODALITY_MASK_KEY) is not None:
             # The only key of x read below (inputs went to the networks above).
-            x = {**x, MODALITY_MASK_KEY: _where_samples(ok, x[MODALITY_MASK_KEY])}
+            x = {**x, MODALITY_MASK_KEY: where_samples(ok, x[MODALITY_MASK_KEY])}
         # 1/C, not 0: a skipped row must give a finite loss even where the
         # task loss takes probabilities (0/0 in a from_logits=False CE).
-        y_pred = _where_samples(ok, y_pred, fill=1.0 / y_pred.shape[-1])
-        keep = ops.cast(ok, "float32")
+        y_pred = where_samples(ok, y_pred, fill=1.0 / y_pred.shape[-1])
         sample_weight = (
-            keep if sample_weight is None else _where_samples(ok, sample_weight)
+            ops.cast(ok, "float32")
+            if sample_weight is None
+            else where_samples(ok, sample_weight)
         )
-        features = keras.tree.map_structure(lambda v: _where_samples(ok, v), features)
-        if teacher is not None:
-            teacher = keras.tree.map_structure(
-                lambda v: _where_samples(ok, v), teacher[:2]
-            )
-        if cached is not None:
-            cached = keras.tree.map_structure(lambda v: _where_samples(ok, v), cached)
-
-        # Every value is Keras' sum(w · loss) / batch; the trackers weigh each
-        # batch by its size, as Keras' own loss tracker does, so that
-        # evaluate's task_loss equals student.evaluate's loss.
-        # Under tf.distribute every term is already divided by the replica
-        # count (Keras' convention: summed replica gradients are the global
-        # batch's); the metrics report the undivided values, as Keras' do.
-        batch = ops.cast(ops.shape(y_pred)[0], "float32")
         total = ops.zeros((), dtype="float32")
         if self.task_weight > 0:
-            value = self._task_loss(y, y_pred, sample_weight, ok, values)
-            value = ops.cast(value, "float32")
-            self.task_loss_tracker.update_state(unscale_for_replicas(value), batch)
-            total = total + self.task_weight * value
+            value = self._task(y, y_pred, sample_weight, ok, values)
+            total = total + self.task_weight * self._track_loss(
+                self.task_loss_tracker, value, y_pred
+            )
         if self._active:
-            losses = self._term_losses(
-                x, y_pred, features, student_mask, sample_weight, teacher, cached
+            losses = self._active.losses(
+                x,
+                (y_pred, drop(features)),
+                student_mask,
+                sample_weight,
+                drop(teacher),
+                drop(cached),
             )
             for term, tracker, value in zip(
                 self._active, self.term_trackers, losses, strict=True
             ):
-                value = ops.cast(value, "float32")
-                tracker.update_state(unscale_for_replicas(value), batch)
-                total = total + term.weight * value
+                total = total + term.weight * self._track_loss(tracker, value, y_pred)
         for extra in self.losses:  # the student's regularisation losses
             # Summed and scaled for replicas, as Keras' TensorFlow trainer does.
-            extra = scale_for_replicas(ops.sum(ops.cast(extra, "float32")))
-            total = total + extra
+            total = total + scale_for_replicas(ops.sum(ops.cast(extra, "float32")))
         return total
+
+    @staticmethod
+    def _track_loss(tracker, value, y_pred):
+        """`value` as float32, after adding it to its tracker.
+
+        Every value is Keras' sum(w · loss) / batch; the trackers weigh each
+        batch by its size, as Keras' own loss tracker does, so that evaluate's
+        task_loss equals student.evaluate's loss. Under tf.distribute every
+        value is already divided by the replica count (Keras' convention:
+        summed replica gradients are the global batch's); the metrics report
+        the undivided values, as Keras' do.
+        """
+        value = ops.cast(value, "float32")
+        batch = ops.cast(ops.shape(y_pred)[0], "float32")
+        tracker.update_state(unscale_for_replicas(value), batch)
+        return value
+
+    def _good_rows(self, x, y, y_pred, sample_weight, features, cached):
+        """(ok, teacher, values) of a step: (batch,) bool, the rows it can use;
+        the teacher's (logits, features), or None with cached targets; the
+        per-sample task loss where it is computed once for both uses.
+
+        A row is bad when anything it feeds a loss is not finite: an input a
+        network reads, its label or weight, a network's output for it, or its
+        task loss.
+        """
+        # The check of the student's inputs that call made, and its inputs.
+        inputs_ok, inputs = self._inputs_cache.take(y_pred) or (None, x)
+        ok = self._data_ok(x, y, y_pred, sample_weight, cached, inputs_ok)
+        ok = both(ok, finite_samples(features))
+        teacher = None
+        if cached is None and self._active:
+            teacher = self._teacher.forward(
+                self._teacher_inputs(x, ok, inputs_ok, inputs), training=False
+            )[:2]
+            ok = both(ok, finite_samples(teacher))
+        else:
+            ok = both(ok, finite_samples(cached))
+        values = None
+        if self.task_weight > 0 and y is not None:
+            ok, values = self._task.check_rows(y, y_pred, ok)
+        return ok, teacher, values
 
     def _data_ok(self, x, y, y_pred, sample_weight, cached, inputs_ok=None):
         """(batch,) bool from what a step's data shows: the inputs the
@@ -971,38 +510,38 @@ class Distiller(keras.Model):
         `inputs_ok`: the check of the student's inputs that `call` made; then
         only the inputs the teacher alone reads are checked here.
         """
-        student_keys = _input_keys(self._student, x)
+        student_keys = self._student.input_keys(x)
         if inputs_ok is None or student_keys is None:
-            ok = _finite_samples(self._student.select_inputs(x))
+            ok = finite_samples(self._student.select_inputs(x))
         else:
             ok = inputs_ok
         if self._active and cached is None:
             teacher_x = self._teacher.select_inputs(x)
-            teacher_keys = _input_keys(self._teacher, x)
+            teacher_keys = self._teacher.input_keys(x)
             if inputs_ok is not None and None not in (student_keys, teacher_keys):
                 teacher_x = [x[k] for k in teacher_keys if k not in student_keys]
-            ok = _and(ok, _finite_samples(teacher_x))
-        ok = _and(ok, self._mask_values_ok(x))
+            ok = both(ok, finite_samples(teacher_x))
+        ok = both(ok, self._mask_values_ok(x))
         if self.task_weight > 0 and y is not None:
-            is_sparse, ignore_class = _class_range(self._task_loss_fn)
+            is_sparse, ignore_class = self._task.class_range()
             n_classes = y_pred.shape[-1] if is_sparse else None
-            ok = _and(ok, _valid_labels(y, n_classes, ignore_class))
+            ok = both(ok, valid_labels(y, n_classes, ignore_class))
         if sample_weight is not None:
-            ok = _and(ok, _finite_rows(sample_weight))
-        return _and(ok, _finite_rows(y_pred))
+            ok = both(ok, finite_rows(sample_weight))
+        return both(ok, finite_rows(y_pred))
 
     def _teacher_inputs(self, x, ok, inputs_ok, cleaned):
         """The teacher's inputs with the bad samples zeroed; where it reads
         the student's keys, the student's inputs that `call` cleaned."""
-        t_keys, s_keys = (_input_keys(n, x) for n in (self._teacher, self._student))
+        t_keys, s_keys = (n.input_keys(x) for n in (self._teacher, self._student))
         if inputs_ok is None or t_keys is None or s_keys is None:
-            return _zero_bad_samples(self._teacher.select_inputs(x), ok)
+            return zero_bad_samples(self._teacher.select_inputs(x), ok)
         batch = {}
         for key in t_keys:
             if key in s_keys:
                 batch[key] = cleaned[key]
-            elif _is_float_tensor(x[key]):
-                batch[key] = _where_samples(ok, x[key])
+            elif is_float_tensor(x[key]):
+                batch[key] = where_samples(ok, x[key])
             else:
                 batch[key] = x[key]
         return self._teacher.select_inputs(batch)
@@ -1022,7 +561,7 @@ class Distiller(keras.Model):
         if ok is None:  # y_pred was not made in this step's compute_loss
             if y is not None and keras.backend.standardize_dtype(y.dtype) == "bool":
                 y = ops.cast(y, "float32")
-            cached = self._cached_targets(x) if self._active else None
+            cached = self._active.cached_targets(x)
             weight = None
             if sample_weight is not None:
                 weight = ops.cast(sample_weight, "float32")
@@ -1030,12 +569,12 @@ class Distiller(keras.Model):
         if ok is not None:
             y_pred = self._skipped_rows((y_pred, ok))
             if y is not None:
-                y = keras.tree.map_structure(lambda v: _where_samples(ok, v), y)
+                y = keras.tree.map_structure(lambda v: where_samples(ok, v), y)
             keep = ops.cast(ok, "float32")
             sample_weight = (
                 keep
                 if sample_weight is None
-                else _where_samples(ok, ops.cast(sample_weight, "float32"))
+                else where_samples(ok, ops.cast(sample_weight, "float32"))
             )
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
@@ -1044,60 +583,7 @@ class Distiller(keras.Model):
         mask = x.get(MODALITY_MASK_KEY) if isinstance(x, dict) else None
         if mask is None or not self.modality_names:
             return None
-        if keras.backend.standardize_dtype(mask.dtype) == "bool":
-            return None
-        ok = ops.logical_or(ops.equal(mask, 0), ops.equal(mask, 1))
-        return ops.all(ok, axis=_sample_axes(mask))
-
-    def _task_loss(self, y, y_pred, sample_weight, ok, values=None):
-        if y is None:
-            raise ValueError(
-                "The batch has no labels, but task_weight > 0. Give (x, y) "
-                "batches, or set task_weight=0 to learn from the teacher only."
-            )
-        if self._task_loss_fn is None:
-            raise ValueError(
-                "task_weight > 0 needs a task loss: compile(loss=...), for "
-                "example keras.losses.SparseCategoricalCrossentropy("
-                "from_logits=True); or build the Distiller with task_weight=0."
-            )
-        # A copy: with a masked loss (ignore_class) Keras' apply_mask does
-        # `sample_weight *= mask`, in place on PyTorch, which would reweigh
-        # the terms that follow.
-        if values is not None:  # reduced as the task loss reduces its own
-            return self._task_reducer(
-                ops.cast(ok, values.dtype), values, ops.copy(sample_weight)
-            )
-        return self._task_loss_fn(
-            _where_samples(ok, y), y_pred, ops.copy(sample_weight)
-        )
-
-    def _term_losses(
-        self, x, y_pred, features, student_mask, sample_weight, teacher, cached
-    ):
-        """Each active term's loss, from cached targets or the teacher's outputs."""
-        mask = None
-        if any(term.uses_mask for term in self._active):
-            mask = self._batch_mask(x, student_mask)
-        if cached is None:
-            teacher_logits, teacher_features = teacher
-        teacher_pooled, student_pooled, losses = {}, {}, []
-        for term in self._active:
-            term_mask = self._term_mask(term, mask)
-            if cached is None:
-                outputs = NetworkOutputs(
-                    teacher_logits,
-                    _view(term.teacher_spec(), teacher_features, teacher_pooled),
-                )
-                targets = term.teacher_targets(outputs, term_mask)
-            else:
-                targets = cached[term.name]
-            targets = {k: ops.stop_gradient(v) for k, v in targets.items()}
-            student = NetworkOutputs(
-                y_pred, _view(term.student_spec(), features, student_pooled)
-            )
-            losses.append(term.loss(targets, student, sample_weight, term_mask))
-        return losses
+        return mask_values_ok(mask)
 
     def teacher_targets(self, x):
         """What the terms need from the teacher for the batch `x`.
@@ -1108,16 +594,13 @@ class Distiller(keras.Model):
         these so that training need not run the teacher.
         """
         logits, features, _ = self._teacher.forward(x, training=False)
-        mask = self._batch_mask(x, None) if self.modality_names else None
-        targets, pooled = {}, {}
-        for term in self._active:
-            teacher = NetworkOutputs(
-                logits, _view(term.teacher_spec(), features, pooled)
-            )
-            term_targets = term.teacher_targets(teacher, self._term_mask(term, mask))
-            for key, value in term_targets.items():
-                targets[target_key(term.name, key)] = value
-        return targets
+        mask = self._active.batch_mask(x, None) if self.modality_names else None
+        targets = self._active.teacher_targets((logits, features), mask)
+        return {
+            target_key(name, key): value
+            for name, term_targets in targets.items()
+            for key, value in term_targets.items()
+        }
 
     def target_settings(self):
         """What cached targets depend on besides the teacher's weights."""

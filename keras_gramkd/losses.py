@@ -15,27 +15,22 @@ Example:
 0.0
 """
 
-import math
-
 import keras
 
 from keras_gramkd import ops as kd_ops
+from keras_gramkd.checks import check_choice, check_number
 from keras_gramkd.replicas import scale_for_replicas
 
 
 def check_temperature(temperature):
     """Returns `temperature` as a float; raises unless it is finite and > 0."""
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature)
-        or temperature <= 0
-    ):
-        raise ValueError(
-            f"temperature must be a finite number > 0; got {temperature!r}. "
-            "Typical values are 1 to 8 (4 is a good start)."
-        )
-    return float(temperature)
+    return check_number(
+        "temperature",
+        temperature,
+        0,
+        strict=True,
+        hint="Typical values are 1 to 8 (4 is a good start).",
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_gramkd")
@@ -121,8 +116,8 @@ class ModalityGram(keras.losses.Loss):
         self, normalize="l2", entries="all", target="sample", name="modality_gram"
     ):
         kd_ops.check_gram_normalization(normalize)
-        kd_ops.check_choice("Gram entries", entries, kd_ops.GRAM_ENTRIES)
-        kd_ops.check_choice("Gram target", target, kd_ops.GRAM_TARGETS)
+        check_choice("Gram entries", entries, kd_ops.GRAM_ENTRIES)
+        check_choice("Gram target", target, kd_ops.GRAM_TARGETS)
         super().__init__(name=name, dtype="float32")
         self.normalize = normalize
         self.entries = entries

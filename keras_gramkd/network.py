@@ -191,6 +191,14 @@ class Network:
                 "array the batch holds under this key."
             )
 
+    def input_keys(self, x):
+        """The batch keys this network reads, or None where x is not a dict
+        holding all of them."""
+        if self.inputs is None or not isinstance(x, dict):
+            return None
+        keys = [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+        return keys if all(key in x for key in keys) else None
+
     def select_inputs(self, x):
         """The part of a batch this network reads."""
         if self.inputs is None or not isinstance(x, dict):

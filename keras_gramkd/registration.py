@@ -16,8 +16,9 @@ import importlib.abc
 import importlib.util
 import sys
 
-# The Distiller's module imports every module that registers a class.
-REGISTERING_MODULES = ("keras_gramkd.distiller",)
+# The Distiller's module imports every module that registers a class but the
+# tuner's StudentCheckpointDistiller (whose module imports no keras_tuner).
+REGISTERING_MODULES = ("keras_gramkd.distiller", "keras_gramkd.tuning.search")
 
 
 def register_with_keras():

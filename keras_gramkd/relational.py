@@ -51,7 +51,7 @@ Example:
 import keras
 from keras import ops
 
-from keras_gramkd import ops as kd_ops
+from keras_gramkd import relational_ops
 from keras_gramkd.replicas import scale_for_replicas
 from keras_gramkd.terms import DistillationTerm, ModalityTerm, check_weight
 
@@ -109,7 +109,7 @@ class SPTerm(_RelationTerm):
     """Similarity-preserving distillation (Tung & Mori, ICCV 2019) as a term.
 
     The student matches the teacher's row-normalised B×B similarity map of a
-    batch (`keras_gramkd.ops.similarity_preserving`). The paper weights it
+    batch (`keras_gramkd.relational_ops.similarity_preserving`). The paper weights it
     3000 on CIFAR (its scale is small: entries are divided by B²).
 
     Args:
@@ -137,7 +137,7 @@ class SPTerm(_RelationTerm):
         super().__init__(teacher_features, student_features, weight, name, **kwargs)
 
     def relation_loss(self, teacher_features, student_features, sample_weight):
-        return kd_ops.similarity_preserving(
+        return relational_ops.similarity_preserving(
             teacher_features, student_features, sample_weight
         )
 
@@ -147,7 +147,7 @@ class PKTTerm(_RelationTerm):
     """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018) as a term.
 
     KL divergence between the teacher's and the student's cosine-affinity
-    distributions over a batch (`keras_gramkd.ops.pkt`).
+    distributions over a batch (`keras_gramkd.relational_ops.pkt`).
 
     Args:
         teacher_features: one address of the teacher's feature (batch, d_t).
@@ -174,7 +174,7 @@ class PKTTerm(_RelationTerm):
         super().__init__(teacher_features, student_features, weight, name, **kwargs)
 
     def relation_loss(self, teacher_features, student_features, sample_weight):
-        return kd_ops.pkt(teacher_features, student_features, sample_weight)
+        return relational_ops.pkt(teacher_features, student_features, sample_weight)
 
 
 @keras.saving.register_keras_serializable(package="keras_gramkd")
@@ -233,11 +233,11 @@ class RKDTerm(_RelationTerm):
     def relation_loss(self, teacher_features, student_features, sample_weight):
         total = ops.zeros((), "float32")
         if self.distance_weight > 0:
-            total = total + self.distance_weight * kd_ops.rkd_distance(
+            total = total + self.distance_weight * relational_ops.rkd_distance(
                 teacher_features, student_features, sample_weight
             )
         if self.angle_weight > 0:
-            total = total + self.angle_weight * kd_ops.rkd_angle(
+            total = total + self.angle_weight * relational_ops.rkd_angle(
                 teacher_features, student_features, sample_weight
             )
         return total
@@ -345,7 +345,7 @@ class ModalitySPTerm(ModalityTerm):
 
     For each modality, `similarity_preserving` between the teacher's and the
     student's embeddings of that modality over the batch, averaged over the
-    modalities (`keras_gramkd.ops.modality_similarity_preserving`). It is the
+    modalities (`keras_gramkd.relational_ops.modality_similarity_preserving`). It is the
     other reading of a "modality-level Gram matrix": `GramTerm` relates the
     M modalities within each sample (M × M), this relates the samples within
     each modality (B × B). Widths may differ, between the networks and
@@ -422,7 +422,7 @@ class ModalitySPTerm(ModalityTerm):
             features = [features[name] for name in names]
         else:
             teacher = targets["features"]
-        value = kd_ops.modality_similarity_preserving(
+        value = relational_ops.modality_similarity_preserving(
             teacher, features, sample_weight, mask
         )
         return scale_for_replicas(value)

@@ -27,11 +27,11 @@ Example:
 
 import dataclasses
 import itertools
-import math
 
 import keras
 import numpy as np
 
+from keras_gramkd.checks import check_number
 from keras_gramkd.distiller import MODALITY_MASK_KEY, Distiller
 
 
@@ -140,16 +140,12 @@ def evaluate_robustness(
     _check_keys(model, x)
     labels, one_hot_classes = _check_labels(y, n)
     spec = _check_modalities(modalities, x)
-    if (
-        isinstance(fill_value, bool)
-        or not isinstance(fill_value, (int, float))
-        or not math.isfinite(fill_value)
-    ):
-        raise ValueError(
-            f"fill_value must be a finite number; got {fill_value!r}. Use 0 "
-            "(the mean of standardised inputs) unless the model expects another "
-            "'missing' value."
-        )
+    check_number(
+        "fill_value",
+        fill_value,
+        hint="Use 0 (the mean of standardised inputs) unless the model expects "
+        "another 'missing' value.",
+    )
 
     def accuracy_without(names):
         dropped = {key for name in names for key in spec[name]}

@@ -42,13 +42,13 @@ Example, a user's own term (cosine distance of the fused embeddings):
 ('cosine', 1.0)
 """
 
-import math
 import warnings
 
 import keras
 from keras import ops
 
 from keras_gramkd import ops as kd_ops
+from keras_gramkd.checks import check_number
 from keras_gramkd.features import as_feature
 from keras_gramkd.layers import stack_modalities
 from keras_gramkd.losses import LogitKD, ModalityGram, check_temperature
@@ -60,17 +60,7 @@ TARGET_PREFIX = "teacher/"
 
 def check_weight(name, value):
     """Returns `value` as a float; raises unless it is finite and >= 0."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(
-            f"{name} must be a finite number >= 0; got {value!r}. "
-            "Use 0 to switch the term off."
-        )
-    return float(value)
+    return check_number(name, value, 0, hint="Use 0 to switch the term off.")
 
 
 def target_key(term_name, key):

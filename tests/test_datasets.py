@@ -71,7 +71,7 @@ def test_mfeat_split_is_stratified(test_size):
 
 def test_mfeat_split_indices_partition_each_class(raw_mfeat):
     labels = raw_mfeat["label"]
-    train, test = mfeat_module._stratified_split(labels, 0.3, np.random.default_rng(3))
+    train, test = mfeat_module.stratified_split(labels, 0.3, np.random.default_rng(3))
     assert np.intersect1d(train, test).size == 0
     np.testing.assert_array_equal(
         np.sort(np.concatenate([train, test])), np.arange(2000)
@@ -82,7 +82,7 @@ def test_mfeat_split_indices_partition_each_class(raw_mfeat):
 def test_mfeat_standardised_with_training_statistics_only(raw_mfeat):
     seed, test_size = 7, 0.4
     (x_train, y_train), (x_test, y_test) = load_mfeat(test_size=test_size, seed=seed)
-    train_idx, test_idx = mfeat_module._stratified_split(
+    train_idx, test_idx = mfeat_module.stratified_split(
         raw_mfeat["label"], test_size, np.random.default_rng(seed)
     )
     np.testing.assert_array_equal(y_train, raw_mfeat["label"][train_idx])
@@ -276,13 +276,13 @@ def test_synthetic_classes_are_learnable_and_class_sep_controls_it():
         ({"correlation": [[1, 0.5, 0], [0.2, 1, 0], [0, 0, 1]]}, r"symmetric"),
         ({"correlation": 2 * np.eye(3)}, r"ones on its diagonal"),
         ({"noise": [0.1, 0.2]}, r"`noise`.*length n_modalities=3"),
-        ({"noise": -1.0}, r"`noise` values must be finite and >= 0"),
+        ({"noise": -1.0}, r"`noise` values must be a finite number >= 0"),
         ({"widths": [4, 0, 4]}, r"`widths` must be an integer >= 1"),
         ({"widths": 2.5}, r"`widths` must be an integer"),
         ({"n_samples": 5}, r"`n_samples` must be an integer >= 10"),
         ({"n_classes": 1}, r"`n_classes` must be an integer >= 2"),
         ({"n_modalities": 0}, r"`n_modalities` must be an integer >= 1"),
-        ({"class_sep": -1.0}, r"`class_sep` must be finite and >= 0"),
+        ({"class_sep": -1.0}, r"`class_sep` must be a finite number >= 0"),
     ],
 )
 def test_synthetic_errors(kwargs, match):

@@ -430,18 +430,3 @@ def test_one_step_computes_the_per_sample_task_loss_once_on_logits(from_logits):
     _CountedLoss.calls = 0
     distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert _CountedLoss.calls == (1 if from_logits else 2)
-
-
-@pytest.mark.parametrize("metrics", [None, ["accuracy"]])
-def test_skipped_rows_are_masked_for_compiled_metrics_only(metrics):
-    # Without compiled metrics nothing reads the masked outputs: no masking.
-    x, y = make_data(n=16)
-    distiller = build(compile_args={"loss": sparse_ce()})
-    distiller.compile("adam", sparse_ce(), metrics=metrics, run_eagerly=True)
-    calls = []
-    original = distiller._skipped_rows.call
-    distiller._skipped_rows.call = lambda inputs: calls.append(1) or original(inputs)
-    logs = distiller.fit(x, y, batch_size=16, epochs=1, verbose=0).history
-    assert bool(calls) == bool(metrics)
-    assert ("accuracy" in logs) == bool(metrics)
-    assert np.isfinite(logs["task_loss"][-1])

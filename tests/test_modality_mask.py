@@ -89,12 +89,22 @@ def dropout_student(rate=0.5, return_mask=True):
 def test_modality_dropout_mask_reaches_the_gram_loss():
     x, y = make_data(n=32)
     distiller = build(dropout_student(), student_mask_layer="drop")
+    student, drop = distiller.student, distiller.student.get_layer("drop")
+    # The embeddings and the mask of the Distiller's own call, drawn again
+    # from the same state of the layer's seed generator.
+    drop_mask = keras.tree.flatten(drop.output)[-1]  # (views..., mask)
+    probe = keras.Model(
+        student.inputs,
+        [*(student.get_layer(f"s_{m}").output for m in "abc"), drop_mask],
+    )
+    state = to_np(drop.seed_generator.state)
     logits = distiller(x, training=True)
-    features, mask = distiller._forward_cache._entry[1]
-    features = np.stack([to_np(features[f"s_{m}"]) for m in "abc"], axis=1)
+    distiller.compute_loss(x, y, logits, training=True)  # no second student call
+    drop.seed_generator.state.assign(state)
+    *embeds, mask = probe(x, training=True)
+    features = np.stack([to_np(e) for e in embeds], axis=1)
     mask = to_np(mask)
     assert 0 < mask.sum() < mask.size  # some modalities were dropped
-    distiller.compute_loss(x, y, logits, training=True)
     _, t_feats = net_outputs(distiller.teacher, "t", x)
     expected = np_masked_gram_loss(t_feats, features, mask)
     tracker = {metric.name: metric for metric in distiller.metrics}["gram_loss"]

@@ -43,11 +43,21 @@ def test_import_is_light_and_core_adds_nothing_beyond_keras():
 
 
 @pytest.mark.slow  # fresh Python processes
-@pytest.mark.parametrize("first", ["keras_gramkd", "keras"])
-def test_saved_distiller_loads_after_import_keras_gramkd(tmp_path, first):
+@pytest.mark.parametrize(
+    "first, kind",
+    [
+        ("keras_gramkd", "Distiller"),
+        ("keras", "Distiller"),
+        ("keras_gramkd", "StudentCheckpointDistiller"),  # the tuner's
+    ],
+)
+def test_saved_distiller_loads_after_import_keras_gramkd(tmp_path, first, kind):
     from conftest import make_data, make_net, modality_map
 
-    distiller = keras_gramkd.Distiller(
+    from keras_gramkd.tuning import StudentCheckpointDistiller
+
+    cls = {"Distiller": keras_gramkd.Distiller}.get(kind, StudentCheckpointDistiller)
+    distiller = cls(
         make_net("t", 8),
         make_net("s", 3),
         teacher_modalities=modality_map("t"),
@@ -66,7 +76,7 @@ def test_saved_distiller_loads_after_import_keras_gramkd(tmp_path, first):
     )
     before, loaded = run_python(code).strip().splitlines()[-2:]
     assert before == "True"
-    assert loaded == "Distiller 0.5"
+    assert loaded == f"{kind} 0.5"
 
 
 def test_public_api():

@@ -23,8 +23,8 @@ from keras_gramkd import (
     PKTTerm,
     RKDTerm,
     SPTerm,
+    relational_ops,
 )
-from keras_gramkd import ops as kd_ops
 from keras_gramkd.cache import TeacherCache
 
 # --- float64 references, from the papers' equations ---------------------------
@@ -112,10 +112,10 @@ def np_modality_sp(t_list, s_list, w=None, mask=None):
 
 
 OPS = {
-    "sp": (kd_ops.similarity_preserving, np_sp),
-    "rkd_distance": (kd_ops.rkd_distance, np_rkd_distance),
-    "rkd_angle": (kd_ops.rkd_angle, np_rkd_angle),
-    "pkt": (kd_ops.pkt, np_pkt),
+    "sp": (relational_ops.similarity_preserving, np_sp),
+    "rkd_distance": (relational_ops.rkd_distance, np_rkd_distance),
+    "rkd_angle": (relational_ops.rkd_angle, np_rkd_angle),
+    "pkt": (relational_ops.pkt, np_pkt),
 }
 
 
@@ -214,28 +214,30 @@ def test_higher_rank_features_are_flattened_per_sample():
 
 def test_smooth_l1_matches_huber():
     x = np.array([-3.0, -1.0, -0.5, 0.0, 0.25, 1.0, 2.0], "float32")
-    np.testing.assert_allclose(to_np(kd_ops.smooth_l1(x)), np_huber(x), 1e-7)
+    np.testing.assert_allclose(to_np(relational_ops.smooth_l1(x)), np_huber(x), 1e-7)
 
 
 def test_modality_sp_matches_numpy():
     t = [rows(6, 8, 1), rows(6, 3, 2), rows(6, 5, 3)]
     s = [rows(6, 4, 4), rows(6, 4, 5), rows(6, 2, 6)]
     np.testing.assert_allclose(
-        float(kd_ops.modality_similarity_preserving(t, s)), np_modality_sp(t, s), 2e-5
+        float(relational_ops.modality_similarity_preserving(t, s)),
+        np_modality_sp(t, s),
+        2e-5,
     )
     mask = np.ones((6, 3), "float32")
     mask[[0, 2], 1] = 0.0
     mask[:, 2] = 0.0  # missing everywhere: left out of the average
     weights = np.array([1, 1, 0, 1, 2, 1], "float32")
     np.testing.assert_allclose(
-        float(kd_ops.modality_similarity_preserving(t, s, weights, mask)),
+        float(relational_ops.modality_similarity_preserving(t, s, weights, mask)),
         np_modality_sp(t, s, weights, mask),
         rtol=2e-5,
     )
     stacked_t = np.stack([rows(5, 4, 7), rows(5, 4, 8)], axis=1)
     stacked_s = np.stack([rows(5, 2, 9), rows(5, 2, 10)], axis=1)
     np.testing.assert_allclose(
-        float(kd_ops.modality_similarity_preserving(stacked_t, stacked_s)),
+        float(relational_ops.modality_similarity_preserving(stacked_t, stacked_s)),
         np_modality_sp(
             list(stacked_t.transpose(1, 0, 2)), list(stacked_s.transpose(1, 0, 2))
         ),

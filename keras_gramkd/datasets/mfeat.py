@@ -68,8 +68,17 @@ def check_views(views):
     return views
 
 
-def _stratified_split(labels, test_size, rng):
-    """Returns shuffled (train, test) indices with the same proportion per class."""
+def stratified_split(labels, test_size, rng):
+    """Shuffled (train, test) indices with `test_size` of each class in test.
+
+    Every class keeps at least one row on each side.
+
+    >>> import numpy as np
+    >>> labels = np.repeat([0, 1], 10)
+    >>> train, test = stratified_split(labels, 0.2, np.random.default_rng(0))
+    >>> len(train), len(test), sorted(labels[test].tolist())
+    (16, 4, [0, 0, 1, 1])
+    """
     train, test = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
@@ -130,7 +139,7 @@ def load_mfeat(views=None, test_size=0.5, seed=0, pix_as_image=False):
 
     data = _read_npz()
     labels = data["label"].astype(np.int32)
-    train_idx, test_idx = _stratified_split(
+    train_idx, test_idx = stratified_split(
         labels, float(test_size), np.random.default_rng(seed)
     )
 

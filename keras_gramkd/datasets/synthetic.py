@@ -25,6 +25,8 @@ import numbers
 
 import numpy as np
 
+from keras_gramkd.checks import check_number
+
 
 def _as_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -143,19 +145,13 @@ def make_multimodal(
         )
     ]
 
-    def _check_noise(v):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise ValueError(f"`noise` values must be real numbers; got {v!r}.")
-        if not (np.isfinite(v) and v >= 0):
-            raise ValueError(f"`noise` values must be finite and >= 0; got {v}.")
-
     noise = [
-        float(v) for v in _per_modality("noise", noise, n_modalities, _check_noise)
+        float(v)
+        for v in _per_modality(
+            "noise", noise, n_modalities, lambda v: check_number("`noise` values", v, 0)
+        )
     ]
-    if isinstance(class_sep, bool) or not isinstance(class_sep, numbers.Real):
-        raise ValueError(f"`class_sep` must be a real number; got {class_sep!r}.")
-    if not (np.isfinite(class_sep) and class_sep >= 0):
-        raise ValueError(f"`class_sep` must be finite and >= 0; got {class_sep}.")
+    class_sep = check_number("`class_sep`", class_sep, 0)
     corr = _correlation_matrix(correlation, n_modalities)
 
     rng = np.random.default_rng(seed)

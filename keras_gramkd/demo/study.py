@@ -10,7 +10,6 @@ reference teacher (`keras_gramkd.zoo`) on one setting
 
 import datetime
 import json
-import math
 import os
 import tempfile
 import time
@@ -18,6 +17,7 @@ import time
 import keras
 
 from keras_gramkd import zoo
+from keras_gramkd.checks import check_number
 from keras_gramkd.console import make_console
 from keras_gramkd.datasets.mfeat import check_views
 from keras_gramkd.demo import report
@@ -67,17 +67,8 @@ def resolve_config(views, setting, quick=False, methods=None, **options):
             raise ValueError(f"{_flag(key)} must be >= 1; got {cfg[key]}.")
         cfg[key] = int(cfg[key])
     for key in ("gram_weight", "kd_weight", "temperature"):
-        value = float(cfg[key])
-        if (
-            not math.isfinite(value)
-            or value < 0
-            or (key == "temperature" and not value)
-        ):
-            raise ValueError(
-                f"{_flag(key)} must be a finite number "
-                f"{'> 0' if key == 'temperature' else '>= 0'}; got {cfg[key]}."
-            )
-        cfg[key] = value
+        strict = key == "temperature"
+        cfg[key] = check_number(_flag(key), float(cfg[key]), 0, strict=strict)
     if cfg["gram_normalize"] not in GRAM_NORMALIZE_CHOICES:
         raise ValueError(
             f"Unknown --gram-normalize {cfg['gram_normalize']!r}; choose one of "

@@ -74,6 +74,35 @@ def _trainer(teacher, student, method, distiller_kwargs):
     )
 
 
+class _Scoring:
+    """Scores the teacher once, then each student: accuracy with every
+    modality and with each one dropped, and |ΔG| where addresses are given."""
+
+    def __init__(self, teacher, test, teacher_test, modalities, addresses, normalize):
+        self.test, self.modalities, self.normalize = test, modalities, normalize
+        self.teacher = evaluate_robustness(
+            teacher, *teacher_test, modalities=modalities, pairs=False
+        )
+        teacher_modalities, self.student_modalities = addresses
+        self.teacher_grams = None
+        if teacher_modalities is not None:
+            self.teacher_grams = modality_grams(
+                teacher, teacher_modalities, teacher_test[0], normalize
+            )
+
+    def __call__(self, student):
+        """The student's robustness report on `test`, and its |ΔG| (or None)."""
+        report = evaluate_robustness(
+            student, *self.test, modalities=self.modalities, pairs=False
+        )
+        if self.teacher_grams is None:
+            return report, None
+        grams = modality_grams(
+            student, self.student_modalities, self.test[0], self.normalize
+        )
+        return report, float(np.mean(np.abs(self.teacher_grams - grams)))
+
+
 def compare_methods(
     teacher,
     build_student,
@@ -167,31 +196,29 @@ def compare_methods(
         raise TypeError(f"teacher must be a keras.Model; got {type(teacher).__name__}.")
     if not callable(build_student):
         raise TypeError("build_student must be a callable () -> keras.Model.")
-    reference = _check_methods(methods, reference)
-    seeds = _seeds(seeds)
-    (x, y), (x_test, y_test) = _check_split("train", train), _check_split("test", test)
-    x_teacher, y_teacher = (
-        (x_test, y_test)
-        if teacher_test is None
-        else _check_split("teacher_test", teacher_test)
-    )
     if (teacher_modalities is None) != (student_modalities is None):
         raise ValueError(
             "Give both teacher_modalities and student_modalities for |ΔG|, or neither."
         )
+    reference = _check_methods(methods, reference)
+    seeds = _seeds(seeds)
+    (x, y), (x_test, y_test) = _check_split("train", train), _check_split("test", test)
+    x_teacher, y_teacher = _check_split(
+        "teacher_test", teacher_test or (x_test, y_test)
+    )
     optimizer = optimizer or (lambda: keras.optimizers.Adam(1e-3))
     loss = loss or (
         lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
 
-    teacher_report = evaluate_robustness(
-        teacher, x_teacher, y_teacher, modalities=modalities, pairs=False
+    score = _Scoring(
+        teacher,
+        (x_test, y_test),
+        (x_teacher, y_teacher),
+        modalities,
+        (teacher_modalities, student_modalities),
+        gram_normalize,
     )
-    teacher_grams = None
-    if teacher_modalities is not None:
-        teacher_grams = modality_grams(
-            teacher, teacher_modalities, x_teacher, gram_normalize
-        )
     runs = {name: MethodResult(name) for name in methods}
     students = {}
     for seed in seeds:
@@ -203,27 +230,18 @@ def compare_methods(
             student.set_weights(initial)
             trainer = _trainer(teacher, student, method, distiller_kwargs)
             trainer.compile(optimizer(), loss(), jit_compile=jit_compile)
+            batches = SeededBatches(x, y, batch_size, steps_per_epoch, seed=seed)
             start = time.perf_counter()
             history = trainer.fit(
-                SeededBatches(x, y, batch_size, steps_per_epoch, seed=seed),
+                batches,
                 epochs=epochs,
                 shuffle=False,
                 verbose=0,
                 callbacks=callbacks(name, seed) if callbacks else None,
-            )
+            ).history
             seconds = time.perf_counter() - start
-            report = evaluate_robustness(
-                student, x_test, y_test, modalities=modalities, pairs=False
-            )
-            gap = None
-            if teacher_grams is not None:
-                grams = modality_grams(
-                    student, student_modalities, x_test, gram_normalize
-                )
-                gap = float(np.mean(np.abs(teacher_grams - grams)))
-            runs[name].add(
-                seed, report, gap, seconds, student.count_params(), history.history
-            )
+            report, gap = score(student)
+            runs[name].add(seed, report, gap, seconds, student.count_params(), history)
             if keep_students:
                 students[(name, seed)] = student
             if on_run_end is not None:
@@ -231,8 +249,8 @@ def compare_methods(
     return StudyResult(
         methods=runs,
         reference=reference,
-        teacher_accuracy=teacher_report.accuracy,
-        teacher_dropped=dict(teacher_report.dropped),
+        teacher_accuracy=score.teacher.accuracy,
+        teacher_dropped=dict(score.teacher.dropped),
         teacher_params=teacher.count_params(),
         config={
             "seeds": seeds,

@@ -38,7 +38,6 @@ the one module that imports keras_tuner), `search` (tuners, trials, the
 student-only checkpoints) and `cli` (`gramkd tune`).
 """
 
-from keras_gramkd.tuning.cli import add_tune_arguments, run_tune
 from keras_gramkd.tuning.search import (
     FORBIDDEN_OBJECTIVES,
     TUNE_EXTRA_HINT,
@@ -68,9 +67,16 @@ __all__ = [
 
 def __getattr__(name):
     # DistillerHyperModel subclasses keras_tuner.HyperModel: its module imports
-    # keras_tuner, so it loads on first use (ImportError naming the extra).
+    # keras_tuner, so it loads on first use (ImportError naming the extra). The
+    # command line loads the demo's data and models: also on first use, so that
+    # keras_gramkd.registration can import this package to register
+    # StudentCheckpointDistiller cheaply.
     if name == "DistillerHyperModel":
         from keras_gramkd.tuning.hypermodel import DistillerHyperModel
 
         return DistillerHyperModel
+    if name in ("add_tune_arguments", "run_tune"):
+        from keras_gramkd.tuning import cli
+
+        return getattr(cli, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ import numpy as np
 
 from keras_gramkd import zoo
 from keras_gramkd.console import make_console, new_table
-from keras_gramkd.datasets.mfeat import check_views
+from keras_gramkd.datasets.mfeat import check_views, stratified_split
 from keras_gramkd.demo.settings import (
     NOISE_STD,
     TEST_NOISE_SEED,
@@ -74,18 +74,6 @@ def add_tune_arguments(parser):
     return parser
 
 
-def _stratified_split(y, fraction, seed):
-    """Indices (kept, held out) with `fraction` of each class held out."""
-    rng = np.random.default_rng(seed)
-    held = []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        held.append(idx[: max(1, round(fraction * len(idx)))])
-    mask = np.zeros(len(y), bool)
-    mask[np.concatenate(held)] = True
-    return np.flatnonzero(~mask), np.flatnonzero(mask)
-
-
 def _take(x, y, idx):
     return {k: v[idx] for k, v in x.items()}, y[idx]
 
@@ -94,7 +82,7 @@ def _tune_data(views, setting, seed):
     """Teacher data, student train / validation (20 % held out) and test splits."""
     data = load_setting(setting, views=views)
     x, y = data.student_train
-    train_idx, val_idx = _stratified_split(y, 0.2, seed)
+    train_idx, val_idx = stratified_split(y, 0.2, np.random.default_rng(seed))
     x_val, y_val = _take(x, y, val_idx)
     if setting == "noisy":  # fixed noise, like the study's noisy test split
         x_val = add_fixed_noise(x_val, TEST_NOISE_SEED + 1)

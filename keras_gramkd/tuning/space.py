@@ -4,8 +4,7 @@ Nothing here imports keras_tuner; `declare` and `declare_loss_hyperparameters`
 take a `keras_tuner.HyperParameters`.
 """
 
-import math
-import numbers
+from keras_gramkd.checks import check_number
 
 # name -> default: a number (fixed), a (low, high) range, or a list of choices.
 DEFAULT_SEARCH_SPACE = {
@@ -28,10 +27,6 @@ CONFIG_NAMES = (
 )
 
 
-def _is_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_value(name, value):
     if name == "use_gram":
         if not isinstance(value, bool):
@@ -39,16 +34,9 @@ def _check_value(name, value):
                 f"search_space['use_gram'] values must be bools; got {value!r}."
             )
         return value
-    if not _is_number(value) or not math.isfinite(value):
-        raise ValueError(
-            f"search_space[{name!r}] values must be finite numbers; got {value!r}."
-        )
-    if value < 0 or (name in _POSITIVE and value == 0):
-        bound = "> 0" if name in _POSITIVE else ">= 0"
-        raise ValueError(
-            f"search_space[{name!r}] values must be {bound}; got {value!r}."
-        )
-    return float(value)
+    return check_number(
+        f"search_space[{name!r}] values", value, 0, strict=name in _POSITIVE
+    )
 
 
 def _parse_range(name, spec):

@@ -1,143 +1,33 @@
-"""Teacher-target cache: run the teacher once, then train without it.
+"""`TeacherCache`: the teacher's targets for every sample, built, saved, attached.
 
-The teacher of a `Distiller` is frozen and runs in inference mode, so on data
-that is fed unchanged every epoch its outputs are the same every epoch.
-`TeacherCache.build` runs it once over the data set and keeps what the losses
-need: whatever each distillation term's `teacher_targets` returns, under the
-batch keys `"teacher/<term>/<key>"` — for the short form the logits
-(`"teacher/kd/logits"`, (n, classes)) and, when `gram_weight > 0`, the
-teacher's modality Gram matrices (`"teacher/gram/gram"`, (n, M, M)), formed as
-the Gram loss forms them, with the data's `"modality_mask"`. The cache does not
-know the terms' classes: a term of your own is cached the same way.
-`TeacherCache.attach` adds them to every sample's input dict; the `Distiller`
-finds them in the batch and does not run the teacher.
-
-Example:
-
->>> import keras, numpy as np
->>> from keras_gramkd import Distiller
->>> from keras_gramkd.cache import TeacherCache
->>> def net(prefix, width):
-...     a = keras.Input((4,), name="a")
-...     b = keras.Input((6,), name="b")
-...     ea = keras.layers.Dense(width, name=f"{prefix}_a")(a)
-...     eb = keras.layers.Dense(width, name=f"{prefix}_b")(b)
-...     logits = keras.layers.Dense(3)(keras.layers.Concatenate()([ea, eb]))
-...     return keras.Model({"a": a, "b": b}, logits)
->>> distiller = Distiller(
-...     teacher=net("t", 16), student=net("s", 4),
-...     teacher_modalities={"a": "t_a", "b": "t_b"},
-...     student_modalities={"a": "s_a", "b": "s_b"},
-... )
->>> distiller.compile(
-...     optimizer="adam",
-...     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-... )
->>> x = {"a": np.ones((32, 4), "float32"), "b": np.ones((32, 6), "float32")}
->>> cache = TeacherCache.build(distiller, x, batch_size=16)
->>> len(cache), sorted(cache.targets)
-(32, ['teacher/gram/gram', 'teacher/kd/logits'])
->>> data = cache.attach(x)  # x plus the targets, one row per sample
->>> sorted(data)
-['a', 'b', 'teacher/gram/gram', 'teacher/kd/logits']
->>> history = distiller.fit(data, np.zeros(32, "int32"), shuffle=True, verbose=0)
->>> import os, tempfile
->>> path = os.path.join(tempfile.mkdtemp(), "targets.npz")
->>> cache.save(path)
->>> len(TeacherCache.load(path))
-32
-
-Alignment. The targets travel with their samples: for numpy data they are
-extra arrays of the input dict, so Keras' `shuffle=True` permutes them with
-the inputs (and `validation_split` slices them with the inputs). A
-`tf.data.Dataset` gets them element by element, by position: attach to the
-dataset in the order it had at build time (unshuffled), then shuffle and batch.
-A `keras.utils.PyDataset` gets them by batch index, so `shuffle=True` (which
-reorders batches) keeps them aligned; its batches must hold the same samples
-as at build time (a PyDataset that reshuffles rows between epochs fails the
-checks below). Validation data needs a cache of its own, or runs the teacher.
-
-What is checked, each time with an error that names the problem and the fix:
-
-- the number of samples (numpy: at `attach`; PyDataset: its batch sizes;
-  tf.data: its cardinality when known, and no element past the cache's end);
-- the teacher, by a fingerprint (sha256 over its weights' dtypes, shapes and
-  bytes): weights changed after caching, or another teacher;
-- the terms' settings the cached targets depend on (each term's class and
-  config without its weight: for a Gram term its normalisation and the
-  teacher's feature addresses), and that the cache holds targets for every
-  term whose weight is not 0;
-- every sample's inputs, by a checksum recorded at build time (the inputs the
-  teacher reads, and `"modality_mask"`): a different data set of the same
-  size, another sample order, or inputs that change between epochs. Numpy
-  data is checked once, at `attach`. A tf.data pipeline is checked inside the
-  pipeline, on every element of every epoch, so augmentation placed before
-  `attach` fails on the first element it changes (a `tf.errors`
-  `InvalidArgumentError` when iterating, on every Keras backend). A PyDataset
-  is checked in every `__getitem__`.
-
-What the cache cannot know:
-
-- Augmentation after `attach` (a `map` after it, or a transform in a wrapper
-  around the attached PyDataset): it changes inputs after the check, and the
-  student then sees inputs whose teacher targets are not the cached ones.
-  Augmentation that changes inputs each epoch needs the live teacher: with it
-  the teacher sees each epoch's inputs; a cache holds one epoch's targets.
-- Augmentation inside the models is not a problem: a student's random layers
-  act on the student only, as with the live teacher, and random layers in the
-  teacher's own input path (`keras.layers.RandomFlip` and the like) are off in
-  inference mode, which is how the teacher always runs.
-- Numpy arrays changed in place after `attach` (`x["a"][3] = ...`,
-  `x["a"] *= 2`): the returned dict holds the same array objects (no copy,
-  so no second copy of the data in memory) and numpy data is checked once, at
-  `attach`, so the student then trains on inputs whose cached targets belong
-  to the old values. Change the arrays before `attach` (or attach again
-  afterwards, which checks them again), or pass copies.
-- A teacher changed after `attach`: the fingerprint is compared at `attach`
-  only. Do not train or reload the teacher while training from the cache.
-- Anything else the teacher's outputs depend on: its code (a subclassed
-  `call`), a dtype policy, Python state, or randomness it applies in
-  inference mode. The fingerprint covers the weights, not these.
-- The checksums are exact 64-bit weighted sums of each sample's bytes (floats
-  as float32): any change of a single number is always caught, and an
-  accidental change of several passes with a probability below about 2^-15,
-  but they are no defence against a deliberately crafted collision.
-
-Cost and precision. Building runs one compiled teacher forward per batch
-(Keras' `predict_on_batch`: a `tf.function`, a `jax.jit` or torch without
-gradients; the last, smaller batch is padded so that it needs no second
-compile), about the cost of one epoch of teacher forwards plus one compile.
-Each training step then saves a teacher forward. `dtype="float16"` stores the
-targets in half the bytes: logits keep 11 significant bits (relative error up
-to 2^-11 ≈ 4.9e-4) and Gram entries, which lie in [-1, 1] under the default
-`"l2"` normalisation, an absolute error up to 2^-12 ≈ 2.4e-4. Measured on the
-mfeat digits with the demo's trained teacher (logits up to 10.5, T=4), the KD
-loss moved by 1.7e-4 (of 11.4: 1.5e-5 relative) and the Gram loss by 3e-7;
-three epochs of training from either cache stayed within 3e-4 of each other.
-The tests accept `FLOAT16_LOSS_TOLERANCE`. A target beyond float16's range
-(±65504) is refused at build time.
-
-File format (`save` / `load`): one uncompressed `.npz` file (numpy's zip of
-`.npy` arrays, read without pickle) holding the target arrays, `checksums`
-(n, inputs) int64, `batch_sizes` (the batches the build read) and `metadata`,
-UTF-8 JSON as uint8: format name and version, the number of samples, dtype,
-teacher fingerprint, term settings and the names of the checksummed inputs.
-It is written to a temporary file in the same directory and renamed over the
-target (`keras_gramkd.saving.atomic_save`).
+See the package docstring (`keras_gramkd.cache`) for what it stores and when
+it is safe; `checksums` and `sources` hold its two helpers' concerns.
 """
 
-import functools
 import hashlib
 import json
-import math
 import weakref
 import zipfile
 
 import keras
 import numpy as np
 
-from keras_gramkd.distiller import MODALITY_MASK_KEY
-from keras_gramkd.network import input_specs
+from keras_gramkd.cache.checksums import (
+    REBUILD,
+    check_inputs,
+    sample_checksums,
+    tf_sample_checksums,
+)
+from keras_gramkd.cache.sources import (
+    checksum_keys,
+    is_batched,
+    is_tf_dataset,
+    join_element,
+    num_rows,
+    require_dict,
+    source_batches,
+    split_element,
+)
 from keras_gramkd.saving import atomic_save
 from keras_gramkd.terms import TARGET_PREFIX
 
@@ -148,9 +38,6 @@ FLOAT16_LOSS_TOLERANCE = 1e-3
 """Largest difference of the KD or Gram loss between a float16 and a float32
 cache that the tests accept (measured: up to 2e-4, see the module docstring)."""
 
-REBUILD = "Rebuild the cache with TeacherCache.build(distiller, data)."
-_CHECKSUM_SEED = 0x6B645F63  # fixes the checksum weights: part of the format
-_CHUNK_WORDS = 1 << 22  # rows x words per numpy checksum chunk
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -172,197 +59,6 @@ def _term_settings(distiller):
     """What the cached targets depend on besides the teacher's weights, as
     JSON (so that a loaded cache compares equal)."""
     return json.loads(json.dumps(distiller.target_settings()))
-
-
-# --- per-sample checksums, the same in numpy and in TensorFlow ---------------
-
-
-@functools.lru_cache(maxsize=32)
-def _checksum_weights(n_words):
-    """Random integer weights small enough that sums of 16-bit words times
-    weights stay below 2^62: the int64 sums are exact in any order."""
-    bits = min(31, 46 - math.ceil(math.log2(max(n_words, 2))))
-    rng = np.random.default_rng(_CHECKSUM_SEED + n_words)
-    weights = rng.integers(1, 2**bits, size=n_words, dtype=np.int64)
-    weights.flags.writeable = False
-    return weights
-
-
-def _np_words(array):
-    """(n, words) unsigned words of each sample's bytes (floats as float32)."""
-    array = np.asarray(array)
-    if array.dtype.kind == "f":
-        array = array.astype(np.float32)
-    array = np.ascontiguousarray(array.reshape(len(array), -1))
-    word = np.uint8 if array.dtype.itemsize == 1 else np.uint16
-    return array.view(word).reshape(len(array), -1)
-
-
-def _sample_checksums(x, keys):
-    """(n, len(keys)) int64: one exact weighted sum per sample and input."""
-    columns = []
-    for key in keys:
-        words = _np_words(x[key])
-        weights = _checksum_weights(words.shape[1])
-        rows = max(1, _CHUNK_WORDS // max(words.shape[1], 1))
-        columns.append(
-            np.concatenate(
-                [
-                    words[start : start + rows].astype(np.int64) @ weights
-                    for start in range(0, len(words), rows)
-                ]
-            )
-        )
-    return np.stack(columns, axis=1)
-
-
-def _tf_sample_checksums(tf, x, keys):
-    """`_sample_checksums` of a batch, as TensorFlow ops for a tf.data map."""
-    columns = []
-    for key in keys:
-        tensor = x[key]
-        if tensor.dtype.is_floating:
-            tensor = tf.cast(tensor, tf.float32)
-        if tensor.dtype == tf.bool:
-            tensor = tf.cast(tensor, tf.uint8)
-        word = tf.uint8 if tensor.dtype.size == 1 else tf.uint16
-        if tensor.dtype != word:
-            tensor = tf.bitcast(tensor, word)
-        n_words = math.prod(tensor.shape[1:])
-        if n_words is None:
-            raise ValueError(
-                f"Input {key!r} of the tf.data pipeline has shape "
-                f"{tensor.shape} per batch; the cache's checksums need a fixed "
-                "shape per sample. Pad or resize the samples to one shape."
-            )
-        words = tf.cast(tf.reshape(tensor, (-1, n_words)), tf.int64)
-        weights = tf.constant(_checksum_weights(n_words))
-        columns.append(tf.reduce_sum(words * weights, axis=1))
-    return tf.stack(columns, axis=1)
-
-
-def _check_inputs(x, keys, expected, where):
-    """Raises unless the inputs x have the checksums `expected` of build time."""
-    missing = [key for key in keys if key not in x]
-    if missing:
-        raise ValueError(
-            f"{where} lacks {missing}, which the cache was built with (the "
-            f"teacher's inputs and {MODALITY_MASK_KEY!r} if the data had "
-            f"one). Give the same inputs as at build time, or {REBUILD}"
-        )
-    found = _sample_checksums(x, keys)
-    differ = np.flatnonzero(np.any(found != expected, axis=1))
-    if differ.size:
-        raise ValueError(
-            f"{differ.size} of {len(found)} samples of {where} differ from "
-            f"the data the cache was built from (first at position(s) "
-            f"{differ[:5].tolist()}): a different data set, another sample "
-            "order, or augmentation that changes inputs. Attach to the "
-            "data as it was at build time, before shuffling or "
-            f"augmenting; or {REBUILD} Augmentation that changes inputs "
-            "each epoch needs the live teacher."
-        )
-
-
-# --- data sources -------------------------------------------------------------
-
-
-def _split(element):
-    """(x, rest) of a batch or dataset element: x, (x, y) or (x, y, weights)."""
-    if isinstance(element, (tuple, list)):
-        return element[0], tuple(element[1:])
-    return element, ()
-
-
-def _join(x, rest):
-    return (x, *rest) if rest else x
-
-
-def _is_tf_dataset(data):
-    return hasattr(data, "element_spec") and hasattr(data, "as_numpy_iterator")
-
-
-def _require_dict(x, where):
-    if not isinstance(x, dict):
-        raise ValueError(
-            f"{where} gives inputs of type {type(x).__name__}; the cache adds "
-            "the teacher's targets as extra keys of a dict of inputs. Give x "
-            "as a dict input name -> array (the names of the models' "
-            "keras.Input)."
-        )
-
-
-def _num_rows(x):
-    sizes = {key: len(value) for key, value in x.items()}
-    if len(set(sizes.values())) != 1:
-        raise ValueError(
-            f"The input arrays have different numbers of samples: {sizes}. "
-            "Give every array one row per sample."
-        )
-    return next(iter(sizes.values()))
-
-
-def _is_batched(distiller, x_spec):
-    """Whether a tf.data element holds a batch: its rank against the teacher's
-    declared input rank (a teacher without declared shapes: assume batched)."""
-    _, shapes = input_specs(distiller.teacher)
-    for key, shape in shapes.items():
-        if key in x_spec and x_spec[key].shape.rank is not None:
-            return x_spec[key].shape.rank == len(shape)
-    return True
-
-
-def _source_batches(distiller, x, batch_size):
-    """The batches of inputs of a numpy dict, tf.data.Dataset or PyDataset."""
-    if isinstance(x, dict):
-        n = _num_rows(x)
-        for start in range(0, n, batch_size):
-            yield {key: value[start : start + batch_size] for key, value in x.items()}
-    elif _is_tf_dataset(x):
-        x_spec, _ = _split(x.element_spec)
-        _require_dict(x_spec, "The tf.data.Dataset")
-        if int(x.cardinality()) == -1:  # tf.data.INFINITE_CARDINALITY
-            raise ValueError(
-                "The tf.data.Dataset is infinite (repeat()?): a cache covers a "
-                "fixed data set. Build it from the dataset before repeat()."
-            )
-        if not _is_batched(distiller, x_spec):
-            x = x.batch(batch_size)
-        for element in x.as_numpy_iterator():
-            yield _split(element)[0]
-    elif isinstance(x, keras.utils.PyDataset):
-        if x.num_batches is None:
-            raise ValueError(
-                "The PyDataset is infinite (num_batches is None): a cache "
-                "covers a fixed data set."
-            )
-        for index in range(x.num_batches):
-            batch, _ = _split(x[index])
-            _require_dict(batch, "The PyDataset")
-            yield batch
-    else:
-        raise TypeError(
-            "TeacherCache takes a dict of numpy arrays, a tf.data.Dataset or a "
-            f"keras.utils.PyDataset; got {type(x).__name__}."
-        )
-
-
-def _checksum_keys(distiller, x):
-    """The inputs the teacher's targets depend on, sorted."""
-    names, _ = input_specs(distiller.teacher)
-    if names is None:
-        keys = [key for key in x if not str(key).startswith(TARGET_PREFIX)]
-    else:
-        keys = [names] if isinstance(names, str) else list(names)
-        if distiller.modality_names and MODALITY_MASK_KEY in x:
-            keys.append(MODALITY_MASK_KEY)
-    missing = [key for key in keys if key not in x]
-    if missing:
-        raise ValueError(
-            f"The data lacks the teacher's input(s) {missing}; it has keys "
-            f"{sorted(x)}. Give one entry per teacher input."
-        )
-    return sorted(keys)
 
 
 class _TeacherTargets(keras.Model):
@@ -408,9 +104,6 @@ def _to_storage(targets, dtype):
                 "dtype='float32'."
             )
     return {key: value.astype(np.float16) for key, value in targets.items()}
-
-
-# --- the cache ----------------------------------------------------------------
 
 
 class TeacherCache:
@@ -479,11 +172,11 @@ class TeacherCache:
         fingerprint = teacher_fingerprint(distiller.teacher)
         model = _TeacherTargets(distiller)
         keys, outputs, checksums, sizes = None, [], [], []
-        for batch in _source_batches(distiller, x, batch_size):
-            keys = keys or _checksum_keys(distiller, batch)
+        for batch in source_batches(distiller, x, batch_size):
+            keys = keys or checksum_keys(distiller, batch)
             batch = {key: np.asarray(batch[key]) for key in keys}
-            sizes.append(_num_rows(batch))
-            checksums.append(_sample_checksums(batch, keys))
+            sizes.append(num_rows(batch))
+            checksums.append(sample_checksums(batch, keys))
             outputs.append(_predict(model, batch, sizes[0]))
         if not sizes:
             raise ValueError("The data holds no sample: there is nothing to cache.")
@@ -540,7 +233,7 @@ class TeacherCache:
         keys = self._keys_for(distiller)
         if isinstance(x, dict):
             return self._attach_arrays(x, keys)
-        if _is_tf_dataset(x):
+        if is_tf_dataset(x):
             return self._attach_dataset(x, keys, distiller)
         if isinstance(x, keras.utils.PyDataset):
             return self._attach_pydataset(x, keys)
@@ -595,10 +288,10 @@ class TeacherCache:
         )
 
     def _attach_arrays(self, x, keys):
-        n = _num_rows(x)
+        n = num_rows(x)
         if n != len(self):
             raise self._size_error(n, "the data has")
-        _check_inputs(x, self.checksum_keys, self.checksums, "the data")
+        check_inputs(x, self.checksum_keys, self.checksums, "the data")
         return {**x, **{key: self.targets[key] for key in keys}}
 
     def _attach_pydataset(self, dataset, keys):
@@ -613,9 +306,9 @@ class TeacherCache:
     def _attach_dataset(self, dataset, keys, distiller):
         import tensorflow as tf
 
-        x_spec, _ = _split(dataset.element_spec)
-        _require_dict(x_spec, "The tf.data.Dataset")
-        batched = _is_batched(distiller, x_spec)
+        x_spec, _ = split_element(dataset.element_spec)
+        require_dict(x_spec, "The tf.data.Dataset")
+        batched = is_batched(distiller, x_spec)
         cardinality = int(dataset.cardinality())
         if not batched and cardinality >= 0 and cardinality != len(self):
             raise self._size_error(cardinality, "the tf.data.Dataset has")
@@ -641,14 +334,14 @@ class TeacherCache:
         )
 
         def add_targets(offset, element):
-            x, rest = _split(element)
+            x, rest = split_element(element)
             batch = x if batched else {key: x[key][None] for key in x}
             size = tf.shape(batch[self.checksum_keys[0]], out_type=tf.int64)[0]
             in_range = tf.debugging.Assert(offset + size <= n, [too_many])
             with tf.control_dependencies([in_range]):
                 rows = tf.range(offset, offset + size)
                 expected = tf.gather(checksums, rows)
-            found = _tf_sample_checksums(tf, batch, self.checksum_keys)
+            found = tf_sample_checksums(tf, batch, self.checksum_keys)
             same = tf.reduce_all(tf.equal(found, expected), axis=1)
             first = offset + tf.argmin(tf.cast(same, tf.int64))
             check = tf.debugging.Assert(tf.reduce_all(same), [differ, first])
@@ -657,7 +350,7 @@ class TeacherCache:
                     key: tf.gather(value, rows if batched else offset)
                     for key, value in targets.items()
                 }
-            return offset + size, _join({**x, **picked}, rest)
+            return offset + size, join_element({**x, **picked}, rest)
 
         return dataset.scan(tf.constant(0, tf.int64), add_targets)
 
@@ -759,19 +452,19 @@ class _CachedPyDataset(keras.utils.PyDataset):
         return len(self.offsets) - 1
 
     def __getitem__(self, index):
-        x, rest = _split(self.dataset[index])
-        _require_dict(x, "The PyDataset")
+        x, rest = split_element(self.dataset[index])
+        require_dict(x, "The PyDataset")
         start, stop = self.offsets[index], self.offsets[index + 1]
-        size = _num_rows(x)
+        size = num_rows(x)
         if size != stop - start:
             raise ValueError(
                 f"Batch {index} of the PyDataset has {size} samples; at build "
                 f"time it had {stop - start}. {REBUILD}"
             )
         where = f"batch {index} of the PyDataset"
-        _check_inputs(x, self.checksum_keys, self.checksums[start:stop], where)
+        check_inputs(x, self.checksum_keys, self.checksums[start:stop], where)
         targets = {key: value[start:stop] for key, value in self.targets.items()}
-        return _join({**x, **targets}, rest)
+        return join_element({**x, **targets}, rest)
 
     def on_epoch_begin(self):
         self.dataset.on_epoch_begin()
