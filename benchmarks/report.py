@@ -1,11 +1,13 @@
 """Markdown tables of the benchmark results, for the README.
 
     python benchmarks/report.py [RESULTS_DIR]   (default benchmarks/results)
+    python benchmarks/report.py RUN1_DIR --compare RUN2_DIR
 
 Reads the `step_time-*.json`, `scaling-*.json` and `gram_ops-*.json` files the
 benchmarks wrote and prints one table per benchmark, a row per backend (and
 case or point), so that the README's numbers are copied from the files, not
-retyped.
+retyped. With `--compare`, it prints how far two whole runs of `step_time.py`
+(the same configuration, run one after the other) agree.
 """
 
 import glob
@@ -164,6 +166,50 @@ def gram_ops_table(results):
     return _table(headers, rows)
 
 
+def _relative_difference(a, b):
+    return None if a is None or b is None else abs(a - b) / ((a + b) / 2)
+
+
+def agreement_table(first, second):
+    """How far two whole `step_time` runs agree, per backend, setting and case:
+    (a)'s ms per step in each, and the largest relative difference between
+    the runs' ratios to (a) (`|r1 - r2| / mean`) over the variants both
+    measured, with the variant it is for."""
+    headers = ["backend", "jit_compile", "case", "(a) ms/step: run 1, run 2"]
+    headers += ["largest ratio difference", "within 5 %"]
+    rows = []
+    for backend, data in first.items():
+        if backend not in second:
+            continue
+        other = _by_jit(second[backend])
+        for setting, cases in _by_jit(data).items():
+            for name, case in cases.items():
+                twin = other.get(setting, {}).get(name)
+                if twin is None:
+                    continue
+                diffs = {
+                    key: _relative_difference(
+                        entry.get("ratio_to_a"),
+                        twin["variants"].get(key, {}).get("ratio_to_a"),
+                    )
+                    for key, entry in case["variants"].items()
+                    if key != "a"
+                }
+                diffs = {k: v for k, v in diffs.items() if v is not None}
+                worst = max(diffs, key=diffs.get) if diffs else None
+                ms = [c["variants"]["a"]["median_step_ms"] for c in (case, twin)]
+                rows.append(
+                    [backend, setting, name, f"{ms[0]:.2f}, {ms[1]:.2f}"]
+                    + (
+                        [f"{100 * diffs[worst]:.1f} % ({worst})"]
+                        + ["yes" if diffs[worst] <= 0.05 else "no"]
+                        if worst
+                        else ["–", "–"]
+                    )
+                )
+    return _table(headers, rows)
+
+
 TABLES = {
     "step_time": step_time_table,
     "step_time (CPU time)": step_time_cpu_table,
@@ -175,6 +221,11 @@ TABLES = {
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--compare" in argv:
+        first, _, second = argv[:3]
+        runs = [_load(d, "step_time") for d in (first, second)]
+        print(f"### step_time: run 1 against run 2\n\n{agreement_table(*runs)}\n")
+        return
     directory = argv[0] if argv else os.path.join(os.path.dirname(__file__), "results")
     for script, table in TABLES.items():
         results = _load(directory, script.split(" ")[0])

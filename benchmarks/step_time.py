@@ -2,28 +2,33 @@
 
     python benchmarks/step_time.py [--backend tensorflow|jax|torch] [--quick]
         [--json PATH] [--cases demo,teacher-sized,synthetic] [--rounds N]
-        [--repeats N] [--warmup N] [--steps N] [--variants a,b,...]
+        [--repeats N] [--warmup N] [--steps N | --epoch-s S] [--variants a,b,...]
         [--jit-compile false,true] [--threads N]
 
 For each `jit_compile` setting (`--jit-compile`, a comma-separated list of
 auto / true / false; default false,true) and each case, every variant of
 `harness.VARIANTS` is compiled with that setting, fitted for `--warmup`
 epochs, then measured `--repeats` times, each repeat `--rounds` timed epochs
-interleaved across the variants; the table shows the median over repeats of
-each repeat's median, each variant's time ratio to (a) the student alone
-(each repeat's own ratio, their median, and their spread: (max - min) /
-median), and the student and teacher forward passes per step, both as traced
-and as executed. See benchmarks/README.md.
+interleaved across the variants. An epoch has `--steps` steps, or, by
+default, as many as make an epoch of (a) last about `--epoch-s` seconds (1.0),
+counted from two timed epochs of (a) before the case is measured: epochs of a
+few tens of milliseconds varied by 10-20 % between whole runs. The table
+shows the median over repeats of each repeat's median, each variant's time
+ratio to (a) the student alone (each repeat's own ratio, their median, and
+their spread: (max - min) / median), and the student and teacher forward
+passes per step, both as traced and as executed. See benchmarks/README.md.
 """
 
 import argparse
+import math
 import os
 
 CASES = ("demo", "teacher-sized", "synthetic")
 VARIANT_KEYS = ("a", "b", "c", "d", "e", "kd_only", "stack_only", "gram_raw")  # harness
-# Epochs of 0.2-1.5 s on 2 CPU cores: long enough that a repeat's median is
-# steady to a few per cent (20 steps of a few ms gave +-10-15 %).
+# The fewest steps per epoch (and the calibration's first guess); --epoch-s
+# lengthens epochs of fast steps (a quiet machine's demo case: ~1 ms per step).
 STEPS = {"demo": 60, "teacher-sized": 30, "synthetic": 12}
+EPOCH_S = 1.0
 QUICK_STEPS = 2
 QUICK_VIEWS = ("pix", "fou")  # smaller graphs: quicker to trace and compile
 SYNTHETIC = {"full": (8, 256, 256), "quick": (3, 16, 32)}  # M, d, batch
@@ -105,6 +110,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs")
     parser.add_argument(
+        "--epoch-s",
+        type=float,
+        default=EPOCH_S,
+        help="without --steps: steps per epoch such that an epoch of (a) "
+        f"lasts about this many seconds (default {EPOCH_S})",
+    )
+    parser.add_argument(
         "--repeats", type=int, help="whole measurements (default 3; 1 with --quick)"
     )
     parser.add_argument("--variants", help="comma-separated (default all)")
@@ -129,8 +141,19 @@ def parse_args(argv=None):
     return args
 
 
-def make_case(harness, name, args):
-    steps = args.steps or (QUICK_STEPS if args.quick else STEPS[name])
+def case_steps(harness, name, args, jit):
+    """Steps per epoch of a case: `--steps`, the quick run's, or calibrated so
+    that an epoch of (a), the student alone, lasts about `--epoch-s`."""
+    if args.steps or args.quick:
+        return args.steps or QUICK_STEPS
+    run = harness.build_variant(make_case(harness, name, args, STEPS[name]), "a", jit)
+    run.fit(1, timed=False)
+    run.fit(2, timed=True)
+    step_s = min(run.epoch_times) / run.steps_per_epoch
+    return max(STEPS[name], math.ceil(args.epoch_s / step_s))
+
+
+def make_case(harness, name, args, steps):
     if name == "synthetic":
         m, d, batch = SYNTHETIC["quick" if args.quick else "full"]
         return harness.synthetic_case(m, d, args.batch_size or batch, steps)
@@ -328,10 +351,8 @@ def main(argv=None):
             "warmup_epochs": args.warmup,
             "timed_epochs": args.rounds,
             "repeats": args.repeats,
-            "steps_per_epoch": {
-                name: args.steps or (QUICK_STEPS if args.quick else STEPS[name])
-                for name in args.cases
-            },
+            "steps_per_epoch": args.steps
+            or (QUICK_STEPS if args.quick else f"calibrated: (a) ~{args.epoch_s} s"),
             "jit_compile": args.jit_settings,
             "batch_size": args.batch_size,
             "threads": args.threads,
@@ -346,10 +367,10 @@ def main(argv=None):
         cases = {}
         result["jit_compile"][setting] = {"cases": cases}
         for name in args.cases:
-            print(f"== jit_compile={setting}: {name}", flush=True)
-            entry = run_case(
-                harness, make_case(harness, name, args), args, jit_value(setting)
-            )
+            jit = jit_value(setting)
+            steps = case_steps(harness, name, args, jit)
+            print(f"== jit_compile={setting}: {name}, {steps} steps", flush=True)
+            entry = run_case(harness, make_case(harness, name, args, steps), args, jit)
             cases[name] = entry
             print_case(harness, f"{name}, jit_compile={setting}", entry)
             harness.write_json(path, result)  # what is done so far, case by case

@@ -41,6 +41,10 @@ docs/bad_inputs.md.)
 
 Every loss value is Keras' "sum_over_batch_size": sum(w · per-sample loss) /
 batch size, for the task loss and every term alike.
+
+This module is the `Distiller` class (its docstrings are a third of it); the
+parts of its step live in `bad_samples` (finding and leaving out bad rows),
+`task_loss` (the compiled loss) and `term_list` (the terms and their features).
 """
 
 import keras
