@@ -10,8 +10,15 @@ test_ops::test_zero_vector_gives_zero_row_not_nan).
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_net, modality_map, net_outputs, sparse_ce
-from test_ops import np_gram, to_np
+from helpers import (
+    make_data,
+    make_net,
+    modality_map,
+    net_outputs,
+    np_gram,
+    sparse_ce,
+    to_np,
+)
 
 from keras_gramkd import Distiller, ModalityGram
 

@@ -7,9 +7,15 @@ import os
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_net, sparse_ce
-from test_distiller import DictSequence, build
-from test_ops import to_np
+from helpers import (
+    DictSequence,
+    batch_losses,
+    build_distiller,
+    make_data,
+    make_net,
+    sparse_ce,
+    to_np,
+)
 
 from keras_gramkd import ModalityGram
 from keras_gramkd.cache import FLOAT16_LOSS_TOLERANCE, FORMAT_VERSION, TeacherCache
@@ -18,18 +24,6 @@ TERMS = ("gram_loss", "kd_loss", "loss", "task_loss")  # every loss, sorted
 LOGITS, GRAM = "teacher/kd/logits", "teacher/gram/gram"
 TARGETS = (LOGITS, GRAM)
 REBUILD = r"Rebuild the cache with TeacherCache\.build"
-
-
-class BatchLosses(keras.callbacks.Callback):
-    """Records every loss Keras logs after each training batch, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.rows = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        losses = sorted((k, float(v)) for k, v in logs.items() if k.endswith("loss"))
-        self.rows.append([v for _, v in losses])
 
 
 def with_mask(x, seed=3):
@@ -44,17 +38,8 @@ def identical_distillers(count):
     distillers = []
     for _ in range(count):
         keras.utils.set_random_seed(1)
-        distillers.append(build(teacher=teacher, student=make_net("s", 4)))
+        distillers.append(build_distiller(teacher=teacher, student=make_net("s", 4)))
     return distillers
-
-
-def batch_losses(distiller, x, y):
-    record = BatchLosses()
-    keras.utils.set_random_seed(7)  # the same shuffles for both fits
-    distiller.fit(
-        x, y, batch_size=16, epochs=2, shuffle=True, verbose=0, callbacks=[record]
-    )
-    return np.array(record.rows)
 
 
 def assert_targets_match_teacher(distiller, batch):
@@ -89,11 +74,12 @@ def test_fit_from_cache_gives_the_live_teachers_batch_losses(masked):
         assert differ[:, :2].min() > 1e-4  # gram_loss and kd_loss
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 def test_teacher_never_runs_when_training_from_the_cache():
     x, y = make_data(n=16)
     teacher = make_net("t", 16, counter=True)
     eager = {"loss": sparse_ce(), "run_eagerly": True}
-    distiller = build(teacher=teacher, compile_args=eager)
+    distiller = build_distiller(teacher=teacher, compile_args=eager)
     data = TeacherCache.build(distiller, x, batch_size=16).attach(x)
     counter = teacher.get_layer("t_counter_a")
     counter.calls = 0
@@ -105,7 +91,7 @@ def test_teacher_never_runs_when_training_from_the_cache():
 def test_targets_stay_with_their_samples_when_rows_are_permuted():
     x, _ = make_data(n=40)
     x = with_mask(x)
-    distiller = build()
+    distiller = build_distiller()
     data = TeacherCache.build(distiller, x, batch_size=16).attach(x)
     assert set(data) == {*x, *TARGETS}
     order = np.random.default_rng(0).permutation(40)
@@ -115,11 +101,15 @@ def test_targets_stay_with_their_samples_when_rows_are_permuted():
 # --- data sources and storage ---------------------------------------------------
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
+@pytest.mark.parametrize(
+    "batched",
+    [pytest.param(False, marks=pytest.mark.slow), True],
+    ids=["unbatched", "batched"],
+)
 def test_tf_data_source(batched):
     tf = pytest.importorskip("tensorflow")
     x, y = make_data(n=40)
-    distiller = build()
+    distiller = build_distiller()
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     ds = ds.batch(16) if batched else ds
     cache = TeacherCache.build(distiller, ds, batch_size=8)
@@ -140,7 +130,7 @@ def test_tf_data_source(batched):
 
 def test_pydataset_source():
     x, y = make_data()
-    distiller = build()
+    distiller = build_distiller()
     sequence = DictSequence(x, y, 16)
     cache = TeacherCache.build(distiller, sequence)
     assert cache.batch_sizes == [16, 16, 16]
@@ -155,7 +145,7 @@ def test_pydataset_source():
 
 def test_float16_halves_the_targets_and_moves_the_losses_little():
     x, y = make_data()
-    distiller = build()
+    distiller = build_distiller()
     full = TeacherCache.build(distiller, x)
     half = TeacherCache.build(distiller, x, dtype="float16")
     assert {v.dtype for v in half.targets.values()} == {np.dtype("float16")}
@@ -176,13 +166,13 @@ def test_float16_refuses_targets_beyond_its_range():
     layer.set_weights([kernel * 1e6, bias])
     x, _ = make_data(n=8)
     with pytest.raises(ValueError, match=r"beyond float16's range.*dtype='float32'"):
-        TeacherCache.build(build(teacher=teacher), x, dtype="float16")
+        TeacherCache.build(build_distiller(teacher=teacher), x, dtype="float16")
 
 
 def test_save_and_load_round_trip(tmp_path):
     x, _ = make_data(n=40)
     x = with_mask(x)
-    distiller = build()
+    distiller = build_distiller()
     cache = TeacherCache.build(distiller, x, batch_size=16, dtype="float16")
     path = tmp_path / "targets.npz"
     cache.save(path)
@@ -214,7 +204,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_stale_cache_for_a_different_data_size():
     tf = pytest.importorskip("tensorflow")
     x, y = make_data()
-    distiller = build()
+    distiller = build_distiller()
     cache = TeacherCache.build(distiller, DictSequence(x, y, 16))
     fewer = {k: v[:-1] for k, v in x.items()}
     with pytest.raises(
@@ -240,7 +230,7 @@ def test_stale_cache_for_a_different_data_size():
 
 def test_teacher_changed_after_caching_is_caught_by_its_fingerprint():
     x, _ = make_data()
-    distiller = build()
+    distiller = build_distiller()
     cache = TeacherCache.build(distiller, x)
     cache.attach(x)
     layer = distiller.teacher.get_layer("t_a")
@@ -249,29 +239,33 @@ def test_teacher_changed_after_caching_is_caught_by_its_fingerprint():
     with pytest.raises(ValueError, match=f"teacher's weights differ.*{REBUILD}"):
         cache.attach(x)
     with pytest.raises(ValueError, match="teacher's weights differ"):
-        cache.attach(x, build())  # another teacher
+        cache.attach(x, build_distiller())  # another teacher
 
 
 def test_other_gram_settings_are_refused():
     x, _ = make_data()
-    distiller = build()
+    distiller = build_distiller()
     cache = TeacherCache.build(distiller, x)
-    centered = build(teacher=distiller.teacher, gram_loss=ModalityGram("centered"))
+    centered = build_distiller(
+        teacher=distiller.teacher, gram_loss=ModalityGram("centered")
+    )
     formed = f"targets of term 'gram' were formed with.*'l2'.*{REBUILD}"
     with pytest.raises(ValueError, match=formed):
         cache.attach(x, centered)
-    logits_only = TeacherCache.build(build((1.0, 1.0, 0.0), distiller.teacher), x)
+    logits_only = TeacherCache.build(
+        build_distiller((1.0, 1.0, 0.0), distiller.teacher), x
+    )
     assert sorted(logits_only.targets) == [LOGITS]
     with pytest.raises(ValueError, match=r"holds no targets for term\(s\) \['gram'\]"):
         logits_only.attach(x, distiller)
-    kd_only = build((1.0, 1.0, 0.0), distiller.teacher)
+    kd_only = build_distiller((1.0, 1.0, 0.0), distiller.teacher)
     assert sorted(cache.attach(x, kd_only)) == [*sorted(x), LOGITS]
 
 
 def test_different_data_of_the_same_size_is_caught_by_checksums():
     x, _ = make_data()
     masked = with_mask(x)
-    distiller = build()
+    distiller = build_distiller()
     cache = TeacherCache.build(distiller, masked)
     other, _ = make_data(seed=1)
     with pytest.raises(
@@ -291,7 +285,7 @@ def test_different_data_of_the_same_size_is_caught_by_checksums():
 def test_augmentation_in_the_pipeline_is_caught_when_read():
     tf = pytest.importorskip("tensorflow")
     x, y = make_data(n=32)
-    distiller = build()
+    distiller = build_distiller()
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     cache = TeacherCache.build(distiller, ds)
 
@@ -318,7 +312,7 @@ def test_augmentation_in_the_pipeline_is_caught_when_read():
 def test_corrupt_or_foreign_files_fail_clearly(tmp_path):
     x, _ = make_data(n=16)
     path = tmp_path / "targets.npz"
-    TeacherCache.build(build(), x).save(path)
+    TeacherCache.build(build_distiller(), x).save(path)
     good = path.read_bytes()
     unreadable = r"is not a readable TeacherCache file.*corrupt, truncated"
     flipped = bytearray(good)
@@ -354,4 +348,4 @@ def test_corrupt_or_foreign_files_fail_clearly(tmp_path):
 def test_build_arguments_are_checked(kwargs, error):
     x, _ = make_data(n=8)
     with pytest.raises((ValueError, TypeError), match=error):
-        TeacherCache.build(build(), **{"x": x, **kwargs})
+        TeacherCache.build(build_distiller(), **{"x": x, **kwargs})

@@ -3,49 +3,26 @@
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_net, modality_map, net_outputs, sparse_ce
-from test_ops import np_gram, np_logit_kd, to_np
+from helpers import (
+    DictSequence,
+    build_distiller,
+    make_data,
+    make_net,
+    modality_map,
+    net_outputs,
+    np_gram,
+    np_logit_kd,
+    sparse_ce,
+    to_np,
+)
 
 from keras_gramkd import Distiller, ModalityGram
-
-
-def build(
-    weights=(1.0, 1.0, 1.0), teacher=None, student=None, compile_args=None, **kwargs
-):
-    task, kd, gram = weights
-    distiller = Distiller(
-        teacher=teacher or make_net("t", 16),
-        student=student or make_net("s", 4),
-        teacher_modalities=kwargs.pop("teacher_modalities", modality_map("t")),
-        student_modalities=kwargs.pop("student_modalities", modality_map("s")),
-        task_weight=task,
-        kd_weight=kd,
-        gram_weight=gram,
-        **kwargs,
-    )
-    if compile_args is None:
-        compile_args = {"loss": sparse_ce(), "metrics": ["accuracy"]}
-    distiller.compile(optimizer="adam", **compile_args)
-    return distiller
-
-
-class DictSequence(keras.utils.PyDataset):
-    def __init__(self, x, y, batch_size):
-        super().__init__()
-        self.x, self.y, self.batch_size = x, y, batch_size
-
-    def __len__(self):
-        return len(self.y) // self.batch_size
-
-    def __getitem__(self, i):
-        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        return {k: v[sl] for k, v in self.x.items()}, self.y[sl]
 
 
 @pytest.mark.parametrize("source", ["numpy", "tf.data", "PyDataset"])
 def test_fit_logs_each_term_on_every_data_source(source):
     x, y = make_data()
-    distiller = build()
+    distiller = build_distiller()
     if source == "numpy":
         data = {"x": x, "y": y, "batch_size": 16, "validation_data": (x, y)}
     elif source == "tf.data":
@@ -67,7 +44,7 @@ def test_fit_logs_each_term_on_every_data_source(source):
 def test_loss_terms_match_numpy_references():
     x, y = make_data(n=16)
     weights = (0.7, 2.0, 3.0)
-    distiller = build(weights, temperature=2.0)
+    distiller = build_distiller(weights, temperature=2.0)
     logs = distiller.evaluate(x, y, batch_size=16, return_dict=True, verbose=0)
     t_logits, t_feats = net_outputs(distiller.teacher, "t", x)
     s_logits, s_feats = net_outputs(distiller.student, "s", x)
@@ -87,7 +64,7 @@ def test_one_forward_pass_per_network_per_step():
     teacher = make_net("t", 16, counter=True)
     student = make_net("s", 4, counter=True)
     eager = {"loss": sparse_ce(), "run_eagerly": True}
-    distiller = build(teacher=teacher, student=student, compile_args=eager)
+    distiller = build_distiller(teacher=teacher, student=student, compile_args=eager)
     counters = [student.get_layer("s_counter_a"), teacher.get_layer("t_counter_a")]
     distiller.fit(x, y, batch_size=8, epochs=1, verbose=0)  # builds, traces, warms up
     for counter in counters:
@@ -100,7 +77,7 @@ def test_zero_weights_skip_their_terms_and_the_teacher():
     x, y = make_data(n=16)
     teacher = make_net("t", 16, counter=True)
     eager = {"loss": sparse_ce(), "run_eagerly": True}
-    distiller = build((1.0, 0.0, 0.0), teacher=teacher, compile_args=eager)
+    distiller = build_distiller((1.0, 0.0, 0.0), teacher=teacher, compile_args=eager)
     teacher.get_layer("t_counter_a").calls = 0  # shape inference may have run it
     history = distiller.fit(x, y, batch_size=8, epochs=1, verbose=0).history
     assert set(history) == {"loss", "task_loss", "skipped_samples"}
@@ -118,7 +95,7 @@ def test_gram_weight_zero_needs_no_modalities_and_task_zero_needs_no_labels():
         "kd_loss",
         "skipped_samples",
     }
-    label_free = build((0.0, 1.0, 1.0), compile_args={})
+    label_free = build_distiller((0.0, 1.0, 1.0), compile_args={})
     history = label_free.fit(x, batch_size=8, epochs=1, verbose=0).history
     assert set(history) == {"loss", "kd_loss", "gram_loss", "skipped_samples"}
 
@@ -127,7 +104,7 @@ def test_teacher_is_frozen_bit_identical_after_fit():
     x, y = make_data()
     teacher = make_net("t", 16, norm_and_dropout=True)
     before = [np.array(to_np(w)) for w in teacher.weights]
-    distiller = build(teacher=teacher)
+    distiller = build_distiller(teacher=teacher)
     distiller.fit(x, y, batch_size=8, epochs=2, verbose=0)
     after = [to_np(w) for w in teacher.weights]
     assert len(before) == len(after) > 0
@@ -140,7 +117,9 @@ def test_teacher_is_frozen_bit_identical_after_fit():
 def test_student_with_fewer_modalities_and_fewer_inputs():
     x, y = make_data()
     student = make_net("s", 4, modalities=("a", "c"))
-    distiller = build(student=student, student_modalities=modality_map("s", ("a", "c")))
+    distiller = build_distiller(
+        student=student, student_modalities=modality_map("s", ("a", "c"))
+    )
     history = distiller.fit(x, y, batch_size=16, epochs=1, verbose=0).history
     assert np.isfinite(history["gram_loss"][0])
     np.testing.assert_allclose(
@@ -162,7 +141,7 @@ def test_stacked_modality_layer_spec():
         logits = keras.layers.Dense(3)(keras.layers.Flatten()(tokens))
         return keras.Model(inputs, logits)
 
-    distiller = build(
+    distiller = build_distiller(
         teacher=net("t", 8),
         student=net("s", 2),
         teacher_modalities="t_tokens",
@@ -175,7 +154,7 @@ def test_stacked_modality_layer_spec():
 
 def test_predict_and_call_return_student_logits():
     x, _ = make_data(n=10)
-    distiller = build()
+    distiller = build_distiller()
     expected = to_np(distiller.student(x, training=False))
     np.testing.assert_allclose(to_np(distiller(x, training=False)), expected, rtol=1e-6)
     np.testing.assert_allclose(
@@ -188,7 +167,7 @@ def test_zero_norm_embeddings_train_without_nan():
     for m in "abc":
         layer = student.get_layer(f"s_{m}")
         layer.set_weights([np.zeros_like(w) for w in layer.get_weights()])
-    distiller = build(student=student)
+    distiller = build_distiller(student=student)
     x, y = make_data()
     history = distiller.fit(x, y, batch_size=16, epochs=2, verbose=0).history
     assert np.all(np.isfinite(history["loss"]))
@@ -197,8 +176,8 @@ def test_zero_norm_embeddings_train_without_nan():
 
 def test_custom_gram_loss_is_used():
     x, y = make_data(n=16)
-    l2 = build().evaluate(x, y, batch_size=16, return_dict=True, verbose=0)
-    raw = build(gram_loss=ModalityGram("none")).evaluate(
+    l2 = build_distiller().evaluate(x, y, batch_size=16, return_dict=True, verbose=0)
+    raw = build_distiller(gram_loss=ModalityGram("none")).evaluate(
         x, y, batch_size=16, return_dict=True, verbose=0
     )
     assert raw["gram_loss"] != pytest.approx(l2["gram_loss"], rel=1e-3)
@@ -206,7 +185,9 @@ def test_custom_gram_loss_is_used():
 
 def test_save_and_load_round_trip(tmp_path):
     x, y = make_data()
-    distiller = build((1.0, 0.5, 2.0), temperature=3.0, gram_loss=ModalityGram("dim"))
+    distiller = build_distiller(
+        (1.0, 0.5, 2.0), temperature=3.0, gram_loss=ModalityGram("dim")
+    )
     distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)
     path = tmp_path / "distiller.keras"
     distiller.save(path)
@@ -245,19 +226,19 @@ def test_unknown_layer_name_suggests_close_names():
     with pytest.raises(
         ValueError, match=r"no layer named 's_aa'.*Did you mean \['s_a'"
     ):
-        build(student_modalities={"a": "s_aa", "b": "s_b", "c": "s_c"})
+        build_distiller(student_modalities={"a": "s_aa", "b": "s_b", "c": "s_c"})
 
 
 def test_mismatched_modality_names():
     with pytest.raises(ValueError, match=r"Student modalities \['d'\] are not among"):
-        build(student_modalities={"a": "s_a", "d": "s_b"})
+        build_distiller(student_modalities={"a": "s_a", "d": "s_b"})
 
 
 def test_different_class_counts():
     with pytest.raises(
         ValueError, match="teacher outputs 3 classes but the student outputs 5"
     ):
-        build(student=make_net("s", 4, n_classes=5))
+        build_distiller(student=make_net("s", 4, n_classes=5))
 
 
 @pytest.mark.parametrize("name", ["task_weight", "kd_weight", "gram_weight"])
@@ -277,7 +258,7 @@ def test_bad_weights(name, bad):
 @pytest.mark.parametrize("bad", [0, -2.0, float("nan")])
 def test_bad_temperature(bad):
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
-        build(temperature=bad)
+        build_distiller(temperature=bad)
 
 
 def test_layer_names_on_subclassed_model():
@@ -292,14 +273,14 @@ def test_layer_names_on_subclassed_model():
     with pytest.raises(
         ValueError, match="no symbolic outputs.*functional API.*gram_weight=0"
     ):
-        build(student=Subclassed())
+        build_distiller(student=Subclassed())
 
 
 def test_softmax_output_refused():
     with pytest.raises(
         ValueError, match="teacher's output layer 't_logits' applies a softmax"
     ):
-        build(teacher=make_net("t", 8, output_activation="softmax"))
+        build_distiller(teacher=make_net("t", 8, output_activation="softmax"))
 
 
 def test_gram_needs_modalities():
@@ -318,20 +299,20 @@ def test_modality_widths_must_agree_within_a_network():
     with pytest.raises(
         ValueError, match=r"(?s)the student's modality widths differ.*projection"
     ):
-        build(student=student, student_modalities=modality_map("s", "ab"))
+        build_distiller(student=student, student_modalities=modality_map("s", "ab"))
 
 
 def test_stacked_spec_with_wrong_rank_and_bad_spec_type():
     with pytest.raises(ValueError, match=r"must output the stacked \(batch, M, d\)"):
-        build(student_modalities="s_a")
+        build_distiller(student_modalities="s_a")
     bad_type = "student_features of term 'gram'.*must be a layer name, a path"
     with pytest.raises(ValueError, match=bad_type):
-        build(student_modalities=["s_a"])
+        build_distiller(student_modalities=["s_a"])
 
 
 def test_unknown_option_and_non_model():
     with pytest.raises(ValueError, match="Unrecognized keyword.*learning_rate"):
-        build(learning_rate=0.1)
+        build_distiller(learning_rate=0.1)
     with pytest.raises(TypeError, match="student must be a keras.Model"):
         Distiller(make_net("t", 8), "student.keras", gram_weight=0.0)
 
@@ -340,7 +321,7 @@ def test_missing_input_key_fails_at_first_batch():
     x, y = make_data()
     del x["b"]
     with pytest.raises(ValueError, match=r"teacher expects input\(s\) \['b'\]"):
-        build(
+        build_distiller(
             student=make_net("s", 4, modalities=("a", "c")),
             student_modalities=modality_map("s", "ac"),
         ).fit(x, y, verbose=0)
@@ -348,7 +329,7 @@ def test_missing_input_key_fails_at_first_batch():
 
 def test_compile_without_loss_fails_clearly():
     x, y = make_data()
-    distiller = build(compile_args={})
+    distiller = build_distiller(compile_args={})
     with pytest.raises(
         ValueError, match=r"task_weight > 0 needs a task loss: compile\(loss="
     ):
@@ -419,13 +400,17 @@ class _CountedLoss(keras.losses.SparseCategoricalCrossentropy):
         return super().call(y_true, y_pred)
 
 
-@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize(
+    "from_logits", [pytest.param(True, marks=pytest.mark.slow), False]
+)
 def test_one_step_computes_the_per_sample_task_loss_once_on_logits(from_logits):
     # On logits the value that checks each row is also the loss; a loss of
     # probabilities is computed again on the final rows (a row whose loss is
     # not finite then reaches the gradient only as a constant).
     x, y = make_data(n=16)
-    distiller = build(compile_args={"loss": _CountedLoss(from_logits=from_logits)})
+    distiller = build_distiller(
+        compile_args={"loss": _CountedLoss(from_logits=from_logits)}
+    )
     distiller.compile("adam", _CountedLoss(from_logits=from_logits), run_eagerly=True)
     _CountedLoss.calls = 0
     distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)

@@ -10,6 +10,7 @@ proportional to the magnitudes involved, and the cosine Grams ("l2",
 import keras
 import numpy as np
 import pytest
+from helpers import value_and_grad
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -134,32 +135,6 @@ def assert_gram_close(actual, expected, scale, resolved, normalize):
     )
 
 
-def value_and_grad(fn, x):
-    """`fn(x)` and its gradient with respect to x, as numpy, on any backend."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        value, grad = jax.value_and_grad(fn)(x)
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        x = tf.convert_to_tensor(x)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            value = fn(x)
-        grad = tape.gradient(value, x)
-    elif backend == "torch":
-        import torch
-
-        x = keras.ops.convert_to_tensor(x).requires_grad_()
-        value = fn(x)
-        (grad,) = torch.autograd.grad(value, x)
-    else:
-        pytest.skip(f"no gradient helper for the {backend} backend")
-    return float(to_np(value)), to_np(grad)
-
-
 # ----------------------------------------------------------------------------
 # gram_matrix
 
@@ -280,6 +255,7 @@ def test_masked_mean_ignores_zero_weight_values(data):
 @given(
     inputs=gram_inputs(networks=2, masked=False), options=loss_options(), data=st.data()
 )
+@pytest.mark.slow  # fast tier: under 3 min per backend
 def test_masked_features_never_influence_the_loss(inputs, options, data):
     """Any finite values in masked-out rows: same Grams, same loss, zero gradient."""
     teacher, student, _ = inputs
@@ -306,6 +282,7 @@ def test_masked_features_never_influence_the_loss(inputs, options, data):
     assert np.all(grad[~mask] == 0.0)
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 @PROPERTY
 @given(inputs=gram_inputs(networks=2), options=loss_options(), data=st.data())
 def test_sample_with_every_modality_masked_adds_nothing(inputs, options, data):

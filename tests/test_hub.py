@@ -7,7 +7,7 @@ random weights, so nothing is downloaded.
 import keras
 import numpy as np
 import pytest
-from test_ops import np_gram, to_np
+from helpers import np_gram, to_np
 
 from keras_gramkd import Distiller, Feature
 

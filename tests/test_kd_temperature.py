@@ -10,8 +10,7 @@ import decimal
 import keras
 import numpy as np
 import pytest
-from test_gram_properties import value_and_grad
-from test_ops import to_np
+from helpers import to_np, value_and_grad
 
 from keras_gramkd import ops as kd_ops
 

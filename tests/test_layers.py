@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from test_ops import to_np
+from helpers import to_np
 
 from keras_gramkd.layers import ModalityDropout, ModalityStack
 

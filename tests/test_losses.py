@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from test_ops import np_gram, np_logit_kd, to_np
+from helpers import np_gram, np_logit_kd, to_np
 
 from keras_gramkd.losses import LogitKD, ModalityGram
 

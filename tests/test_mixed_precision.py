@@ -8,7 +8,7 @@ docs/reliability.md; the digits test here is its short version.
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_net, modality_map, sparse_ce
+from helpers import make_data, make_net, modality_map, sparse_ce
 
 from keras_gramkd import Distiller, LogitKD, ModalityGram
 from keras_gramkd.datasets import load_mfeat

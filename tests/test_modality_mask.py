@@ -3,8 +3,16 @@
 import keras
 import numpy as np
 import pytest
-from conftest import WIDTHS, make_data, make_net, modality_map, net_outputs, sparse_ce
-from test_ops import np_gram, to_np
+from helpers import (
+    WIDTHS,
+    make_data,
+    make_net,
+    modality_map,
+    net_outputs,
+    np_gram,
+    sparse_ce,
+    to_np,
+)
 
 from keras_gramkd import Distiller, ModalityDropout, ModalityGram
 
@@ -86,6 +94,7 @@ def dropout_student(rate=0.5, return_mask=True):
     return keras.Model(inputs, logits)
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 def test_modality_dropout_mask_reaches_the_gram_loss():
     x, y = make_data(n=32)
     distiller = build(dropout_student(), student_mask_layer="drop")

@@ -6,16 +6,18 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     NESTED_PATHS,
     WIDTHS,
     make_data,
     make_nested_net,
     make_net,
     nested_features,
+    np_gram,
+    np_logit_kd,
     sparse_ce,
+    to_np,
 )
-from test_ops import np_gram, np_logit_kd, to_np
 
 from keras_gramkd import Distiller, Feature
 from keras_gramkd.features import pool_tokens
@@ -69,6 +71,7 @@ def test_layer_objects_address_like_their_paths():
     assert {k: v["address"] for k, v in config.items()} == NESTED_PATHS
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 def test_one_forward_pass_per_network_with_nested_encoders():
     x, y = make_data(n=32)
     teacher, student = make_nested_net("t", 8, True), make_nested_net("s", 4, True)
@@ -85,6 +88,7 @@ def test_one_forward_pass_per_network_with_nested_encoders():
     assert [counter.calls for counter in counters] == [4, 4, 4, 4]
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 def test_compiled_steps_give_the_eager_losses():
     x, y = make_data(n=16)
     teacher, student = make_nested_net("t", 8), make_nested_net("s", 4)

@@ -3,35 +3,9 @@
 import keras
 import numpy as np
 import pytest
+from helpers import np_gram, np_logit_kd, to_np
 
 from keras_gramkd import ops as kd_ops
-
-
-def np_gram(a, normalize, mask=None):
-    """Independent reference: explicit loops over samples, float64."""
-    a = np.asarray(a, np.float64)
-    batch, m, d = a.shape
-    mask = np.ones((batch, m)) if mask is None else np.asarray(mask, np.float64)
-    out = np.zeros((batch, m, m))
-    for b in range(batch):
-        present = mask[b] > 0
-        rows = a[b] * mask[b][:, None]
-        if normalize == "centered" and present.any():
-            rows = rows - rows[present].mean(axis=0)
-            rows = rows * mask[b][:, None]
-        if normalize in ("l2", "centered"):
-            norms = np.linalg.norm(rows, axis=1, keepdims=True)
-            rows = np.where(norms > 1e-6, rows / np.maximum(norms, 1e-6), 0.0)
-        g = rows @ rows.T
-        if normalize == "dim":
-            g = g / d
-        out[b] = g * np.outer(mask[b], mask[b])
-    return out
-
-
-def to_np(x):
-    return keras.ops.convert_to_numpy(x)
-
 
 SHAPES = [(1, 1, 1), (3, 2, 5), (4, 6, 8), (2, 9, 3)]
 
@@ -89,7 +63,7 @@ def test_cosine_gram_loss_gradient_matches_finite_differences(normalize):
     """The gradient through the diagonal normalisation and the stop-gradient
     row scale (rows of entries above 1 are scaled) against central differences
     of the float64 NumPy reference, zero and tiny rows included."""
-    from test_gram_properties import value_and_grad
+    from helpers import value_and_grad
 
     rng = np.random.default_rng(3)
     teacher = rng.normal(size=(2, 4, 3))
@@ -172,16 +146,6 @@ def test_gram_loss_mask_and_sample_weight_match_numpy():
 def test_gram_loss_modality_count_mismatch():
     with pytest.raises(ValueError, match="3 modalities but student features have 2"):
         kd_ops.gram_loss(np.ones((1, 3, 4), "float32"), np.ones((1, 2, 4), "float32"))
-
-
-def np_logit_kd(t, s, temperature):
-    t = np.asarray(t, np.float64) / temperature
-    s = np.asarray(s, np.float64) / temperature
-    log_p = t - t.max(-1, keepdims=True)
-    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
-    log_q = s - s.max(-1, keepdims=True)
-    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
-    return temperature**2 * (np.exp(log_p) * (log_p - log_q)).sum(-1)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 8.0])

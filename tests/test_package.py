@@ -9,22 +9,11 @@ from pathlib import Path
 
 import keras
 import pytest
+from helpers import run_python
 
 import keras_gramkd
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_python(code, backend=None, timeout=300):
-    env = dict(os.environ, KERAS_BACKEND=backend or keras.backend.backend())
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=True,
-    ).stdout
 
 
 @pytest.mark.slow  # a fresh Python process
@@ -52,7 +41,7 @@ def test_import_is_light_and_core_adds_nothing_beyond_keras():
     ],
 )
 def test_saved_distiller_loads_after_import_keras_gramkd(tmp_path, first, kind):
-    from conftest import make_data, make_net, modality_map
+    from helpers import make_data, make_net, modality_map
 
     from keras_gramkd.tuning import StudentCheckpointDistiller
 

@@ -40,7 +40,7 @@ def test_gram_plot_png_labels_and_annotated_values(tmp_path):
     width, height = _png_size(path)
     assert width > 500 and height > 150
     assert path.stat().st_size > 10_000
-    assert fig._suptitle.get_text() == "epoch 3"
+    assert fig.get_suptitle() == "epoch 3"
 
     ax_t, ax_s, ax_d = fig.axes[:3]
     assert [ax.get_title() for ax in (ax_t, ax_s, ax_d)] == [

@@ -10,10 +10,16 @@ teacher's losses."""
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_net, modality_map, net_outputs, sparse_ce
-from test_cache import batch_losses
-from test_gram_properties import value_and_grad
-from test_ops import to_np
+from helpers import (
+    batch_losses,
+    make_data,
+    make_net,
+    modality_map,
+    net_outputs,
+    sparse_ce,
+    to_np,
+    value_and_grad,
+)
 
 from keras_gramkd import (
     Distiller,
@@ -117,6 +123,7 @@ OPS = {
     "rkd_angle": (relational_ops.rkd_angle, np_rkd_angle),
     "pkt": (relational_ops.pkt, np_pkt),
 }
+SLOW_GRADIENTS = ("rkd_angle", "pkt")  # 2.6-2.8 s each on JAX: the slow tier
 
 
 def rows(batch, width, seed):
@@ -164,7 +171,7 @@ def test_op_matches_numpy_with_sample_weights(name):
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
-@pytest.mark.parametrize("batch", [2, 6])
+@pytest.mark.parametrize("batch", [2, pytest.param(6, marks=pytest.mark.slow)])
 def test_zero_and_duplicate_rows_give_finite_loss_and_gradients(name, batch):
     op, reference = OPS[name]
     t, s = degenerate(batch, 5, 5), degenerate(batch, 3, 6)
@@ -178,7 +185,13 @@ def test_zero_and_duplicate_rows_give_finite_loss_and_gradients(name, batch):
     assert np.isfinite(value) and np.all(np.isfinite(grad))
 
 
-@pytest.mark.parametrize("name", sorted(OPS))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name in SLOW_GRADIENTS else name
+        for name in sorted(OPS)
+    ],
+)
 def test_gradient_matches_finite_differences(name):
     op, reference = OPS[name]
     t, s = rows(4, 5, 7), rows(4, 3, 8)
@@ -431,6 +444,7 @@ def test_modality_sp_term_matches_numpy_with_a_modality_mask():
     assert history["modality_sp_loss"][-1] < history["modality_sp_loss"][0]
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 def test_fit_from_cache_gives_the_live_teachers_batch_losses():
     """The cached target is the teacher's feature per sample; the relation
     is formed per (shuffled) batch, as with the live teacher."""
@@ -487,7 +501,7 @@ def test_bad_configurations_fail_clearly():
 @pytest.mark.slow  # a fresh Python process
 def test_saved_distiller_with_relational_terms_loads_in_a_fresh_process(tmp_path):
     """Importing the Distiller registers the relational terms too."""
-    from test_package import run_python
+    from helpers import run_python
 
     teacher, student = make_net("t", 16), make_net("s", 4)
     terms = [SPTerm("t_a", "s_a"), FitNetTerm("t_b", "s_b")]
@@ -501,6 +515,7 @@ def test_saved_distiller_with_relational_terms_loads_in_a_fresh_process(tmp_path
     assert run_python(code).strip().splitlines()[-1] == "['SPTerm', 'FitNetTerm']"
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_terms_train_under_mixed_precision(policy):
     """float16 features, float32 losses and regressor; finite, and the

@@ -7,8 +7,16 @@ Each test runs on every backend (the suite runs once per KERAS_BACKEND).
 import keras
 import numpy as np
 import pytest
-from conftest import WIDTHS, make_data, make_net, modality_map, net_outputs, sparse_ce
-from test_ops import np_gram, to_np
+from helpers import (
+    WIDTHS,
+    make_data,
+    make_net,
+    modality_map,
+    net_outputs,
+    np_gram,
+    sparse_ce,
+    to_np,
+)
 
 from keras_gramkd import Distiller
 
@@ -118,7 +126,10 @@ def test_ignore_class_rows_keep_kd_and_gram_and_add_no_task_loss():
     assert history["skipped_samples"] == [0.0]
 
 
-@pytest.mark.parametrize("label", [12.0, 1.5, -1.0, np.nan])
+@pytest.mark.parametrize(
+    "label",
+    [1.5, *(pytest.param(v, marks=pytest.mark.slow) for v in (12.0, -1.0, np.nan))],
+)
 def test_float_class_labels_must_be_integral_and_in_range(label):
     x, y = make_data(n=16)
     y = y.astype("float32")
@@ -142,7 +153,9 @@ def test_integral_float_class_labels_train():
 # -- 2. no route to a NaN in the weights ------------------------------------
 
 
-@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize(
+    "value", [np.nan, pytest.param(np.inf, marks=pytest.mark.slow)]
+)
 def test_non_finite_sample_weight_is_skipped_and_counted(value):
     x, y = make_data(n=16)
     weights = np.ones(16, "float32")
@@ -194,6 +207,7 @@ def overflowing(x, rows=(5,)):
     return x
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 def test_overflow_inside_the_teacher_is_skipped_and_counted():
     x, y = make_data(n=16)
     bad = overflowing(x)
@@ -320,7 +334,9 @@ def test_fit_metrics_leave_skipped_rows_out():
     assert history["accuracy"][0] == pytest.approx(accuracy, abs=1e-6)
 
 
-@pytest.mark.parametrize("batch_size", [32, 7, 50])
+@pytest.mark.parametrize(
+    "batch_size", [32, *(pytest.param(b, marks=pytest.mark.slow) for b in (7, 50))]
+)
 def test_task_loss_equals_student_evaluate_at_any_batch_size(batch_size):
     x, y = make_data(n=50)
     distiller = build()

@@ -15,7 +15,7 @@ import time
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_net, modality_map, sparse_ce
+from helpers import make_data, make_net, modality_map, sparse_ce
 from keras.src.saving import saving_lib
 
 from keras_gramkd import Distiller

@@ -6,7 +6,7 @@ import itertools
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_net, modality_map
+from helpers import make_data, make_net, modality_map
 
 import keras_gramkd
 from keras_gramkd import Distiller, robustness

@@ -5,7 +5,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_net, modality_map, net_outputs, sparse_ce
+from helpers import make_data, make_net, modality_map, net_outputs, sparse_ce
 
 from keras_gramkd import GramTerm, KDTerm
 from keras_gramkd.study import (
@@ -55,6 +55,7 @@ def _kept(store):
     return lambda method, seed: [Keep((method, seed))]
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 def test_identical_methods_are_identical_per_seed(teacher):
     # Same initial weights, batches, optimizer and random streams per seed:
     # two copies of one method must give the same numbers bit for bit.
@@ -122,6 +123,7 @@ def test_measures_match_independent_references(teacher):
     )
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 def test_custom_trainers_teacher_split_steps_and_kept_students(teacher):
     # A method may be any (teacher, student) -> keras.Model trainer, here
     # Keras' own Distiller; the teacher may be scored on its own split.

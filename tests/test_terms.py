@@ -4,17 +4,19 @@ term, Gram terms at two depths, caching any term, saving, and the errors."""
 import keras
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     NESTED_PATHS,
+    batch_losses,
     make_data,
     make_nested_net,
     make_net,
     modality_map,
     nested_features,
+    np_gram,
+    np_logit_kd,
     sparse_ce,
+    to_np,
 )
-from test_cache import batch_losses
-from test_ops import np_gram, np_logit_kd, to_np
 
 from keras_gramkd import (
     DistillationTerm,
@@ -51,6 +53,7 @@ def compiled(distiller, **kwargs):
     return distiller
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 def test_terms_form_gives_the_short_forms_history_bit_for_bit():
     x, y = make_data(n=32)
     teacher = make_net("t", 16)
@@ -166,6 +169,7 @@ def test_gram_terms_at_two_depths_in_one_forward_pass():
     assert logs["loss"] == pytest.approx(total, rel=1e-5)
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 def test_the_cache_serves_any_term_without_knowing_its_class():
     x, y = make_data(n=40)
     teacher = fused_net("t", 6)
@@ -194,6 +198,7 @@ def test_the_cache_serves_any_term_without_knowing_its_class():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # fast tier: under 3 min per backend
 def test_terms_round_trip_through_a_keras_file(tmp_path):
     x, y = make_data(n=16)
     terms = [
