@@ -52,10 +52,13 @@ def test_step_time_calibrates_epochs_to_the_asked_length():
     assert step_time.case_steps(harness, "demo", fixed, True) == 7
 
 
-def _step_time_file(a_ms, ratios):
-    """A minimal step_time result: one backend, one setting, the demo case."""
+def _step_time_file(a_ms, ratios, epochs):
+    """A minimal step_time result: one backend, one setting, the demo case;
+    `epochs` maps a variant to its epoch times."""
     variants = {"a": {"median_step_ms": a_ms, "ratio_to_a": 1.0}}
     variants.update({k: {"ratio_to_a": r} for k, r in ratios.items()})
+    for key, times in epochs.items():
+        variants[key]["epoch_times_s"] = times
     return {
         "machine": {"backend": "jax"},
         "settings": {"jit_compile": "true"},
@@ -65,12 +68,19 @@ def _step_time_file(a_ms, ratios):
 
 def test_report_compares_two_runs(tmp_path):
     report = _import("report")
-    first = {"jax": _step_time_file(5.0, {"d": 2.00, "e": 1.20})}
-    second = {"jax": _step_time_file(5.5, {"d": 2.02, "e": 1.32})}
+    epochs = {"a": [1.0, 0.9], "d": [1.9, 1.8], "e": [1.2, 1.08]}  # 2.0, 1.2
+    first = {"jax": _step_time_file(5.0, {"d": 2.00, "e": 1.20}, epochs)}
+    epochs = {"a": [1.1, 1.0], "d": [2.1, 2.02], "e": [1.26, 1.4]}  # 2.02, 1.26
+    second = {"jax": _step_time_file(5.5, {"d": 2.02, "e": 1.32}, epochs)}
     table = report.agreement_table(first, second).splitlines()
     assert len(table) == 3  # header, rule, one row
-    # e: |1.20 - 1.32| / 1.26 = 9.5 %, larger than d's 1.0 %.
-    assert table[2] == "| jax | true | demo | 5.00, 5.50 | 9.5 % (e) | no |"
+    # Median ratios: e |1.20 - 1.32| / 1.26 = 9.5 %, larger than d's 1.0 %.
+    # Fastest epochs: e |1.2 - 1.26| / 1.23 = 4.9 %, d again 1.0 %.
+    row = "| jax | true | demo | 5.00, 5.50 | 9.5 % (e) | no | 4.9 % (e) | yes |"
+    assert table[2] == row
+    without_epochs = {"jax": _step_time_file(5.5, {"d": 2.02, "e": 1.32}, {})}
+    row = report.agreement_table(first, without_epochs).splitlines()[2]
+    assert row.endswith("| 9.5 % (e) | no | – | – |")
     for run, data in (("1", first), ("2", second)):
         (tmp_path / run).mkdir()
         (tmp_path / run / "step_time-jax.json").write_text(json.dumps(data["jax"]))
