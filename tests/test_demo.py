@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from gramkd.options import add_demo_arguments
 from keras_gramkd import demo, zoo
 from keras_gramkd.demo import settings
 from keras_gramkd.demo.methods import RELATIONAL_WEIGHTS, demo_methods
@@ -306,7 +307,7 @@ def test_bad_options_raise_clear_errors(kwargs, match, tmp_path):
 
 def _parser():
     parser = argparse.ArgumentParser(prog="gramkd demo")
-    demo.add_demo_arguments(parser)
+    add_demo_arguments(parser)
     return parser
 
 
@@ -318,7 +319,8 @@ def test_cli_arguments_and_errors(capsys):
     assert "invalid choice: 'foggy'" in capsys.readouterr().err
     assert demo.run_demo(_parser().parse_args(["--views", "pix,bogus"])) == 2
     assert "bogus" in capsys.readouterr().err
-    assert demo.run_demo(_parser().parse_args(["--seeds", "0"])) == 2
-    assert "--seeds must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--seeds", "0"])
+    assert "argument --seeds: must be at least 1, got 0" in capsys.readouterr().err
     assert demo.run_demo(_parser().parse_args(["--methods", "kd,nope"])) == 2
     assert "nope" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import pytest
 
+from gramkd.options import add_export_arguments
 from keras_gramkd import export as gx
 from keras_gramkd.export.convert import in_process_supported
 from keras_gramkd.export.inputs import all_layers, input_names, input_signature
@@ -310,7 +311,7 @@ def test_report_renderings(report):
 def test_cli_exports_a_keras_file(student, digits, tmp_path, capsys):
     student.save(tmp_path / "student.keras")
     np.savez(tmp_path / "data.npz", label=digits[3], **digits[2])
-    parser = gx.add_export_arguments(argparse.ArgumentParser())
+    parser = add_export_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
         [
             str(tmp_path / "student.keras"),

@@ -346,9 +346,10 @@ def test_missing_keras_tuner_names_the_extra():
     code = """
 import argparse, sys
 sys.modules["keras_tuner"] = None  # as if not installed
+from gramkd.options import add_tune_arguments
 from keras_gramkd import tuning
 parser = argparse.ArgumentParser()
-tuning.add_tune_arguments(parser)
+add_tune_arguments(parser)
 assert tuning.run_tune(parser.parse_args([])) == 1
 try:
     tuning.DistillerHyperModel

@@ -40,7 +40,7 @@ print(results["conclusion"])
 ```
 """
 
-from keras_gramkd.demo.cli import add_demo_arguments, run_demo
+from keras_gramkd.demo.cli import run_demo
 from keras_gramkd.demo.methods import demo_methods, skipped_controls
 from keras_gramkd.demo.settings import (
     DEFAULT_SETTING,
@@ -71,7 +71,6 @@ __all__ = [
     "STUDENT_LEARNING_RATE",
     "TEACHER_LEARNING_RATE",
     "TEST_NOISE_SEED",
-    "add_demo_arguments",
     "add_fixed_noise",
     "build_student",
     "build_teacher",

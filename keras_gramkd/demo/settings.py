@@ -37,11 +37,11 @@ import dataclasses
 
 import numpy as np
 
+# The names live with the command line, which lists them without keras.
+from gramkd.options import DEFAULT_SETTING, SETTINGS
 from keras_gramkd.datasets import load_mfeat
 from keras_gramkd.datasets.mfeat import check_views
 
-SETTINGS = ("clean", "noisy", "few-labels", "unreliable", "missing")
-DEFAULT_SETTING = "noisy"
 NOISE_STD = 3.0
 FEW_LABELS_PER_CLASS = 10
 UNLABELLED = -1

@@ -16,6 +16,9 @@ import time
 
 import keras
 
+# The defaults live with the command line, which prints them without keras.
+from gramkd.options import DEMO_DEFAULTS as DEFAULTS
+from gramkd.options import GRAM_NORMALIZE_CHOICES, QUICK
 from keras_gramkd import zoo
 from keras_gramkd.checks import check_number
 from keras_gramkd.console import make_console
@@ -34,20 +37,6 @@ from keras_gramkd.demo.settings import (
 from keras_gramkd.study import SeededBatches, compare_methods, modality_grams
 
 TEACHER_SEED = 0
-GRAM_NORMALIZE_CHOICES = ("l2", "centered", "dim", "none")
-DEFAULTS = {
-    "epochs": 30,
-    "teacher_epochs": 30,
-    "seeds": 3,
-    "gram_weight": 3.0,
-    "kd_weight": 1.0,
-    "temperature": 4.0,
-    "gram_normalize": "l2",
-}
-# 5 student epochs: at 2 the quick student (about 62 %) had so many near-tied
-# logits that quantised exports came near or below the 98 % top-1 agreement
-# bar by chance (5 epochs: about 80 %, agreement >= 99 %).
-QUICK = {"epochs": 5, "teacher_epochs": 3, "seeds": 1}
 
 
 def _flag(key):

@@ -39,7 +39,7 @@ print(report)
 ```
 """
 
-from keras_gramkd.export.cli import add_export_arguments, run_export
+from keras_gramkd.export.cli import run_export
 from keras_gramkd.export.errors import (
     ExportError,
     ExportVerificationError,
@@ -65,7 +65,6 @@ __all__ = [
     "ExportRow",
     "ExportVerificationError",
     "FlexOpsError",
-    "add_export_arguments",
     "export_student",
     "input_names",
     "load_inputs_npz",

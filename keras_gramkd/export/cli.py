@@ -1,72 +1,18 @@
-"""`gramkd export` and `python -m keras_gramkd.export`: the command line."""
+"""`gramkd export` and `python -m keras_gramkd.export`: the command line.
+
+The options are those of `gramkd.options.add_export_arguments`.
+"""
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
+from gramkd.options import add_export_arguments
 from keras_gramkd.export.child import CHILD_COMMAND, child_main
 from keras_gramkd.export.errors import ExportError
 from keras_gramkd.export.inputs import input_names, load_inputs_npz, load_student
-from keras_gramkd.export.pipeline import FORMATS, export_student
-
-
-def add_export_arguments(parser):
-    """Adds the `gramkd export` arguments to an `argparse` parser.
-
-    Args:
-        parser: An `argparse.ArgumentParser` (or subparser).
-
-    Returns:
-        The parser.
-
-    Example:
-
-    ```python
-    parser = argparse.ArgumentParser()
-    add_export_arguments(parser)
-    sys.exit(run_export(parser.parse_args()))
-    ```
-    """
-    parser.add_argument("model", help="the student's .keras file")
-    parser.add_argument(
-        "--format",
-        nargs="+",
-        default=list(FORMATS),
-        choices=["tflite", "litert", "onnx"],
-        help="formats to write (default: tflite onnx)",
-    )
-    parser.add_argument(
-        "--quantize",
-        nargs="+",
-        default=["none"],
-        choices=["none", "float16", "dynamic", "int8"],
-        help="one or more quantisations (default: none = float32)",
-    )
-    parser.add_argument(
-        "--calibration",
-        help=".npz of representative inputs, one array per input name "
-        "(required for int8)",
-    )
-    parser.add_argument(
-        "--sample",
-        help=".npz of inputs to verify on, keyed by input name "
-        "(default: the calibration data)",
-    )
-    parser.add_argument("--out", default="export", help="output directory")
-    parser.add_argument(
-        "--int8-io", action="store_true", help="int8 TFLite inputs and outputs"
-    )
-    parser.add_argument(
-        "--num-calibration-samples", type=int, default=200, help="rows to calibrate on"
-    )
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per file")
-    parser.add_argument(
-        "--no-check", action="store_true", help="report tolerance misses, don't fail"
-    )
-    parser.add_argument("--markdown", action="store_true", help="print Markdown")
-    parser.add_argument("--json", help="also write the report as JSON to this path")
-    return parser
+from keras_gramkd.export.pipeline import export_student
 
 
 def run_export(args):

@@ -56,7 +56,6 @@ __all__ = [
     "TUNE_EXTRA_HINT",
     "DistillerHyperModel",
     "StudentCheckpointDistiller",
-    "add_tune_arguments",
     "best_with_and_without_gram",
     "completed_trials",
     "make_tuner",
@@ -69,13 +68,12 @@ def __getattr__(name):
     # DistillerHyperModel subclasses keras_tuner.HyperModel: its module imports
     # keras_tuner, so it loads on first use (ImportError naming the extra). The
     # command line loads the demo's data and models: also on first use, so that
-    # keras_gramkd.registration can import this package to register
-    # StudentCheckpointDistiller cheaply.
+    # `import keras_gramkd` registers StudentCheckpointDistiller cheaply.
     if name == "DistillerHyperModel":
         from keras_gramkd.tuning.hypermodel import DistillerHyperModel
 
         return DistillerHyperModel
-    if name in ("add_tune_arguments", "run_tune"):
+    if name == "run_tune":
         from keras_gramkd.tuning import cli
 
         return getattr(cli, name)

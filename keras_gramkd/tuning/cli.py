@@ -25,53 +25,12 @@ from keras_gramkd.demo.settings import (
 )
 from keras_gramkd.demo.study import DEFAULTS
 from keras_gramkd.tuning.search import (
-    TUNERS,
     best_with_and_without_gram,
     completed_trials,
     import_keras_tuner,
     make_tuner,
     objective_name,
 )
-
-
-def add_tune_arguments(parser):
-    """Adds the `gramkd tune` options to an `argparse.ArgumentParser`."""
-    parser.add_argument(
-        "--trials", type=int, default=8, help="trials (random, bayesian)"
-    )
-    parser.add_argument(
-        "--epochs", type=int, default=10, help="epochs per trial (Hyperband: the most)"
-    )
-    parser.add_argument(
-        "--tuner",
-        choices=TUNERS,
-        default="random",
-        help="search algorithm (bayesian needs scikit-learn; default random)",
-    )
-    parser.add_argument(
-        "--directory",
-        default=None,
-        help="tuner directory; an existing one resumes its search "
-        "(default runs/tune-<timestamp>)",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="start over in an existing directory"
-    )
-    parser.add_argument(
-        "--views",
-        nargs="+",
-        default=None,
-        help="digit views to use (default all six; space- or comma-separated)",
-    )
-    parser.add_argument(
-        "--setting",
-        choices=("clean", "noisy"),
-        default="noisy",
-        help="what the student sees, as in `gramkd demo` (default noisy)",
-    )
-    parser.add_argument("--teacher-epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 def _take(x, y, idx):
@@ -275,15 +234,15 @@ def run_tune(args):
     """Runs `gramkd tune` from parsed arguments; returns the exit code."""
     console = make_console()
     try:
-        import_keras_tuner()
-    except ImportError as error:
-        print(f"gramkd tune: error: {error}", file=sys.stderr)
-        return 1
-    try:
         views = _check_args(args)
     except ValueError as error:
         print(f"gramkd tune: error: {error}", file=sys.stderr)
         return 2
+    try:  # a missing extra is named after the argument errors
+        import_keras_tuner()
+    except ImportError as error:
+        print(f"gramkd tune: error: {error}", file=sys.stderr)
+        return 1
     directory = args.directory or os.path.join(
         "runs", "tune-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     )
