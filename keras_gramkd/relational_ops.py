@@ -54,6 +54,18 @@ def _outer(a, b):
     return ops.expand_dims(a, 1) * ops.expand_dims(b, 0)
 
 
+def _bounded(features, member):
+    """`features` over the members' largest |entry| when that is above 1.
+
+    Every relation here is unchanged by one positive factor on a whole network's
+    features (SP's and PKT's normalised rows, RKD's mean-normalised distances),
+    so dividing by it (a constant for the gradient) changes no value but keeps
+    the squares and products from overflowing float32, whatever the scale.
+    """
+    largest = ops.max(ops.abs(features) * ops.expand_dims(member, 1))
+    return features / ops.stop_gradient(ops.maximum(largest, 1.0))
+
+
 def _safe_norm(squared_norm, floor):
     """max(sqrt(squared_norm), floor), with a finite gradient at 0."""
     return ops.sqrt(ops.maximum(squared_norm, floor * floor))
@@ -77,7 +89,7 @@ def smooth_l1(x):
 
 def _normalized_gram(features, member):
     """SP's G = F·Fᵀ with each row divided by max(‖row‖, 1e-12)."""
-    features = features * ops.expand_dims(member, 1)
+    features = _bounded(features * ops.expand_dims(member, 1), member)
     gram = ops.matmul(features, ops.transpose(features))
     # Dividing a row by its largest entry first (when above 1) changes nothing
     # after the normalisation but keeps the squares from overflowing float32.
@@ -109,10 +121,10 @@ def similarity_preserving(teacher_features, student_features, sample_weight=None
     Returns:
         float32 scalar.
 
-    Departures from the reference code: none in value. Each row of G is
-    divided by its largest entry (a constant for the gradient) before the
-    normalisation, which leaves the result unchanged but keeps squares from
-    overflowing; the norm is `sqrt(max(‖g‖², 1e-24))`, equal to
+    Departures from the reference code: none in value. The features are divided
+    by their largest entry when it is above 1, and each row of G by its largest
+    entry, before the normalisation (constants for the gradient): the result is
+    unchanged, and neither F·Fᵀ nor the squares overflow float32; the norm is `sqrt(max(‖g‖², 1e-24))`, equal to
     max(‖g‖, 1e-12) with a finite gradient at a zero row.
 
     Example:
@@ -153,7 +165,7 @@ def pairwise_distances(features, member=None):
     center = ops.divide_no_nan(
         ops.sum(features * column, axis=0, keepdims=True), ops.sum(member)
     )
-    features = (features - ops.stop_gradient(center)) * column
+    features = _bounded((features - ops.stop_gradient(center)) * column, member)
     squared_norms = ops.sum(ops.square(features), axis=-1)
     squared = (
         ops.expand_dims(squared_norms, 1)
@@ -191,7 +203,9 @@ def rkd_distance(teacher_features, student_features, sample_weight=None):
     Departures from the reference code: the features are centred on the
     batch mean before ‖fᵢ‖² + ‖fⱼ‖² − 2⟨fᵢ, fⱼ⟩ (distances are translation
     invariant; this only reduces float32 cancellation, which otherwise turns
-    near-duplicate rows' distances into noise of about sqrt(ε)·‖f‖); and a
+    near-duplicate rows' distances into noise of about sqrt(ε)·‖f‖), then
+    divided by their largest entry when above 1 (the normalised distances are
+    unchanged; the squares cannot overflow float32); and a
     batch with no positive distance (one row) gives 0 instead of NaN. The
     teacher's μ is a constant (the reference computes the teacher under
     `no_grad`); here the teacher is outside the gradient anyway.
@@ -287,6 +301,7 @@ def rkd_angle(teacher_features, student_features, sample_weight=None):
 
 def _pkt_affinities(features, member):
     """PKT's row-stochastic affinities K = (cos + 1)/2 over member columns."""
+    features = _bounded(features, member)
     squared_norm = ops.sum(ops.square(features), axis=-1, keepdims=True)
     # The reference divides by ‖f‖ + 1e-7; the root of 1e-30 instead of 0 only
     # keeps the gradient of a zero row finite (it moves ‖f‖ by at most 1e-15).
@@ -325,7 +340,9 @@ def pkt(teacher_features, student_features, sample_weight=None):
     Departures from the reference code: the norm is sqrt(max(‖f‖², 1e-30))
     rather than sqrt(‖f‖²), which moves a row's divisor by at most 1e-15 and
     makes the gradient of a zero row finite (the reference's is NaN there, and
-    its value NaN before its own `nan -> 0` repair).
+    its value NaN before its own `nan -> 0` repair); and features whose largest
+    entry is above 1 are first divided by it, so ‖f‖² cannot overflow float32
+    (the 1e-7 then weighs relative to a norm of order 1 rather than ‖f‖).
 
     Example:
 

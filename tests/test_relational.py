@@ -556,3 +556,22 @@ def test_terms_train_under_mixed_precision(policy):
     rtol = 1e-3 if policy == "mixed_float16" else 1e-2
     for key, value in expected.items():
         np.testing.assert_allclose(history[key][0], value, rtol=rtol, err_msg=key)
+
+
+@pytest.mark.parametrize("scale", [1e20, 3e30])
+def test_relational_losses_do_not_overflow_at_any_feature_scale(scale):
+    """SP, RKD and PKT are unchanged by one factor on a network's features."""
+    rng = np.random.default_rng(3)
+    teacher = rng.normal(size=(6, 5)).astype("float32")
+    student = rng.normal(size=(6, 4)).astype("float32")
+    weights = np.array([1, 1, 0, 1, 2, 1], "float32")
+    for loss in (
+        relational_ops.similarity_preserving,
+        relational_ops.rkd_distance,
+        relational_ops.rkd_angle,
+        relational_ops.pkt,
+    ):
+        reference = float(loss(teacher, student, weights))
+        scaled = float(loss(teacher * np.float32(scale), student, weights))
+        assert np.isfinite(scaled), loss.__name__
+        np.testing.assert_allclose(scaled, reference, rtol=2e-4, err_msg=loss.__name__)
