@@ -573,3 +573,25 @@ def test_input_names_and_signature_follow_the_input_structure(structure):
         assert input_names(model) == ["a"]
         (signature,) = input_signature(model)
         assert signature.shape == (None, 4) and signature.name == "a"
+
+
+def test_a_distiller_stands_for_its_student(tmp_path):
+    from helpers import make_data, make_net, modality_map, sparse_ce
+
+    from keras_gramkd import Distiller
+
+    distiller = Distiller(
+        make_net("t", 8),
+        make_net("s", 3),
+        teacher_modalities=modality_map("t"),
+        student_modalities=modality_map("s"),
+    )
+    distiller.compile("adam", sparse_ce())
+    distiller.fit(*make_data(8), verbose=0)
+    assert gx.load_student(distiller) is distiller.student
+    distiller.save(tmp_path / "distiller.keras")
+    loaded = gx.load_student(tmp_path / "distiller.keras")
+    assert loaded.name == distiller.student.name
+    assert gx.input_names(loaded) == gx.input_names(distiller.student)
+    for mine, theirs in zip(loaded.weights, distiller.student.weights, strict=True):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())

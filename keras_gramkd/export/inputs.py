@@ -14,6 +14,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_gramkd.distiller import Distiller
+
 # Names TensorFlow accepts for a SavedModel signature argument (Keras already
 # refuses '/' in a layer name).
 _TFLITE_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.>-]*")
@@ -21,6 +23,9 @@ _TFLITE_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.>-]*")
 
 def load_student(student):
     """Returns a `keras.Model` from a model or a path to a `.keras` file.
+
+    A `Distiller` (or a `.keras` file holding one) stands for its student: the
+    student is what goes to the device.
 
     Args:
         student: A `keras.Model`, or a `str`/`Path` to a `.keras` file.
@@ -31,6 +36,8 @@ def load_student(student):
     Raises:
         ValueError: If the path does not exist or is not a Keras model file.
     """
+    if isinstance(student, Distiller):
+        return student.student
     if isinstance(student, keras.Model):
         return student
     if not isinstance(student, (str, os.PathLike)):
@@ -61,7 +68,7 @@ def load_student(student):
         ) from error
     if not isinstance(model, keras.Model):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a Keras model.")
-    return model
+    return load_student(model)
 
 
 def _input_struct(model):
