@@ -335,16 +335,33 @@ def logit_kd(teacher_logits, student_logits, temperature=4.0):
     1e-5 or less for T from 1e-3 to 1e6 and logits up to 1e4, with the T → ∞
     limit (1/(2C))·Σᵢ(δᵢ − mean δ)²; gradients are finite.
 
+    One logit per sample (a binary model's sigmoid logit z) is the Bernoulli
+    distribution σ(z/T): the KL is then the binary one,
+    T²·[p·log(p/q) + (1 − p)·log((1 − p)/(1 − q))] with p = σ(t/T),
+    q = σ(s/T), computed as the two-class softmax of the logits (0, z).
+
     Args:
-        teacher_logits: (batch, classes).
-        student_logits: (batch, classes).
+        teacher_logits: (batch, classes), or (batch, 1) for a binary model.
+        student_logits: the same shape.
         temperature: softening temperature T > 0.
 
     Returns:
         float32 tensor (batch,).
+
+    Example:
+
+    >>> import numpy as np
+    >>> t, s = np.array([[2.0]], "float32"), np.array([[-1.0]], "float32")
+    >>> p, q = 1 / (1 + np.exp(-1.0)), 1 / (1 + np.exp(0.5))  # σ(t/2), σ(s/2)
+    >>> kl = 4 * (p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q)))
+    >>> bool(np.isclose(float(logit_kd(t, s, 2.0)[0]), kl, rtol=1e-5))
+    True
     """
     teacher_logits = ops.cast(teacher_logits, "float32")
     student_logits = ops.cast(student_logits, "float32")
+    if teacher_logits.shape[-1] == 1:  # Bernoulli: softmax over (0, z)
+        teacher_logits = ops.pad(teacher_logits, [(0, 0), (1, 0)])
+        student_logits = ops.pad(student_logits, [(0, 0), (1, 0)])
     delta = teacher_logits - student_logits
     # KL does not change when a constant is added to δ: the shift needs no gradient.
     shift = ops.stop_gradient(ops.max(delta, axis=-1, keepdims=True))

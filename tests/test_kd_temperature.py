@@ -114,3 +114,55 @@ def test_gradient_is_finite_and_matches_t_times_q_minus_p(temperature, scale):
     expected = temperature * (softmax(s) - softmax(t))
     atol = 1e-4 * np.max(np.abs(expected))
     np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=atol)
+
+
+def np_binary_kd(t, s, temperature):
+    """T²·KL(Bernoulli(σ(t/T)) ‖ Bernoulli(σ(s/T))) per row, in float64."""
+    t, s = np.float64(t[:, 0]) / temperature, np.float64(s[:, 0]) / temperature
+    log_p, log_1mp = -np.logaddexp(0, -t), -np.logaddexp(0, t)
+    log_q, log_1mq = -np.logaddexp(0, -s), -np.logaddexp(0, s)
+    kl = np.exp(log_p) * (log_p - log_q) + np.exp(log_1mp) * (log_1mp - log_1mq)
+    return temperature**2 * kl
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0, 30.0])
+def test_one_unit_logits_use_the_binary_kl(temperature):
+    rng = np.random.default_rng(7)
+    t = rng.normal(scale=3.0, size=(32, 1)).astype("float32")
+    s = rng.normal(scale=3.0, size=(32, 1)).astype("float32")
+    got = to_np(kd_ops.logit_kd(t, s, temperature))
+    expected = np_binary_kd(t, s, temperature)
+    assert expected.min() > 0  # softmax over one unit would give exactly 0
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(to_np(kd_ops.logit_kd(t, t, temperature)), 0.0)
+
+
+def test_kd_alone_trains_a_one_unit_student_toward_its_teacher():
+    from helpers import make_data, make_net, modality_map
+
+    from keras_gramkd import Distiller
+
+    x, _ = make_data(n=32)
+    y = (np.arange(32) % 2).astype("float32")[:, None]
+    distiller = Distiller(
+        make_net("t", 16, n_classes=1),
+        make_net("s", 4, n_classes=1),
+        modality_map("t"),
+        modality_map("s"),
+        gram_weight=0.0,
+        temperature=2.0,
+        task_weight=0.0,  # only KD moves the student
+    )
+    distiller.compile(
+        keras.optimizers.Adam(0.02), keras.losses.BinaryCrossentropy(from_logits=True)
+    )
+    before = [to_np(w) for w in distiller.student.trainable_weights]
+    logs = distiller.evaluate(x, y, batch_size=32, return_dict=True, verbose=0)
+    teacher, student = to_np(distiller.teacher(x)), to_np(distiller.student(x))
+    assert logs["kd_loss"] == pytest.approx(
+        np_binary_kd(teacher, student, 2.0).mean(), rel=1e-4
+    )
+    history = distiller.fit(x, y, batch_size=32, epochs=20, verbose=0).history
+    after = [to_np(w) for w in distiller.student.trainable_weights]
+    assert any(not np.array_equal(a, b) for a, b in zip(after, before, strict=True))
+    assert history["kd_loss"][-1] < 0.5 * history["kd_loss"][0]
