@@ -26,7 +26,8 @@ import os
 CASES = ("demo", "teacher-sized", "synthetic")
 VARIANT_KEYS = ("a", "b", "c", "d", "e", "kd_only", "stack_only", "gram_raw")  # harness
 # The fewest steps per epoch (and the calibration's first guess); --epoch-s
-# lengthens epochs of fast steps (a quiet machine's demo case: ~1 ms per step).
+# lengthens epochs of fast steps (the demo case on an idle machine: ~1 ms
+# per step).
 STEPS = {"demo": 60, "teacher-sized": 30, "synthetic": 12}
 EPOCH_S = 1.0
 QUICK_STEPS = 2

@@ -37,7 +37,7 @@ metrics. With
 `on_bad_sample="raise"` (the default) `fit` then stops with an error after
 that step; with `"skip"` it goes on. (An overflow inside the student's own
 layers is counted too, but its backward pass is NaN already: see
-docs/bad_inputs.md.)
+docs/guide/bad-input.md.)
 
 Every loss value is Keras' "sum_over_batch_size": sum(w · per-sample loss) /
 batch size, for the task loss and every term alike.

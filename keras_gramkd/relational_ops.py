@@ -124,7 +124,8 @@ def similarity_preserving(teacher_features, student_features, sample_weight=None
     Departures from the reference code: none in value. The features are divided
     by their largest entry when it is above 1, and each row of G by its largest
     entry, before the normalisation (constants for the gradient): the result is
-    unchanged, and neither F·Fᵀ nor the squares overflow float32; the norm is `sqrt(max(‖g‖², 1e-24))`, equal to
+    unchanged, and neither F·Fᵀ nor the squares overflow float32; the norm is
+    `sqrt(max(‖g‖², 1e-24))`, equal to
     max(‖g‖, 1e-12) with a finite gradient at a zero row.
 
     Example:

@@ -1,4 +1,4 @@
-"""The bad-input catalogue of docs/bad_inputs.md: one test per row.
+"""The bad-input catalogue of docs/guide/bad-input.md: one test per row.
 
 Rows covered elsewhere: a missing input key
 (test_distiller::test_missing_input_key_fails_at_first_batch), a teacher with a

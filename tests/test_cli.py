@@ -10,7 +10,8 @@ from gramkd import cli, options
 from keras_gramkd import ops
 from keras_gramkd.datasets import MFEAT_VIEWS
 from keras_gramkd.demo import DEFAULT_SETTING, QUICK, SETTINGS
-from keras_gramkd.demo.study import DEFAULTS, GRAM_NORMALIZE_CHOICES
+from keras_gramkd.demo.methods import DEFAULT_METHODS
+from keras_gramkd.demo.study import DEFAULTS, FULL, GRAM_NORMALIZE_CHOICES
 from keras_gramkd.export.pipeline import FORMATS, QUANTIZATIONS
 from keras_gramkd.tuning import TUNERS
 
@@ -46,7 +47,10 @@ def test_help_imports_no_keras_and_prints_no_backend_lines(command):
 
 def test_help_shows_defaults_and_limits(capsys):
     for command, expected in (
-        ("demo", ["(default: 3)", "at least 1", "(default: noisy)", "above 0"]),
+        (
+            "demo",
+            ["(default: 3)", "at least 1", "(default: noisy)", "above 0", "--full"],
+        ),
         ("tune", ["(default: 8)", "at least 1", "(default: random)"]),
         ("export", ["(default: tflite onnx)", "(default: 20)", "at least 1"]),
     ):
@@ -144,9 +148,39 @@ def test_options_match_the_library():
     assert options.VIEWS == MFEAT_VIEWS
     assert options.SETTINGS == SETTINGS and options.DEFAULT_SETTING == DEFAULT_SETTING
     assert options.DEMO_DEFAULTS is DEFAULTS and options.QUICK is QUICK
+    assert options.DEMO_METHODS is DEFAULT_METHODS and options.FULL is FULL
     assert options.GRAM_NORMALIZE_CHOICES == GRAM_NORMALIZE_CHOICES
     assert set(GRAM_NORMALIZE_CHOICES) == set(ops.GRAM_NORMALIZATIONS)
     assert options.TUNERS == TUNERS
     assert options.EXPORT_FORMATS == FORMATS
     assert ("none",) + QUANTIZATIONS[1:] == options.QUANTIZATIONS
     assert QUANTIZATIONS[0] is None
+
+
+def test_export_prints_the_folder_it_wrote(tmp_path, monkeypatch, capsys):
+    import keras
+
+    from keras_gramkd.export import cli as export_cli
+
+    inputs = keras.Input((3,), name="x")
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(tmp_path / "m.keras")
+
+    class Report:  # what export_student returns, as far as the command reads it
+        ok = True
+
+        def __str__(self):
+            return "the table"
+
+    written = []
+
+    def fake_export(model, out, **kwargs):
+        written.append(out)
+        return Report()
+
+    monkeypatch.setattr(export_cli, "export_student", fake_export)
+    monkeypatch.chdir(tmp_path)
+    args = cli.build_parser().parse_args(["export", "m.keras", "--out", "exported"])
+    assert export_cli.run_export(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert written == ["exported"] and lines[0] == "the table"
+    assert lines[-1] == f"Wrote {tmp_path / 'exported'}{os.sep}"

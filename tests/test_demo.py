@@ -1,7 +1,9 @@
 """Tests for `gramkd demo`: its settings, methods, options and a tiny study."""
 
 import argparse
+import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -12,8 +14,16 @@ import pytest
 
 from gramkd.options import add_demo_arguments
 from keras_gramkd import demo, zoo
-from keras_gramkd.demo import settings
-from keras_gramkd.demo.methods import RELATIONAL_WEIGHTS, demo_methods
+from keras_gramkd.console import make_console
+from keras_gramkd.demo import cli as demo_cli
+from keras_gramkd.demo import report, settings
+from keras_gramkd.demo import study as demo_study
+from keras_gramkd.demo.methods import (
+    METHOD_COST,
+    RELATIONAL_WEIGHTS,
+    demo_methods,
+    method_cost,
+)
 from keras_gramkd.relational import FitNetTerm, PKTTerm, RKDTerm, SPTerm
 from keras_gramkd.study import StudyResult
 from keras_gramkd.terms import GramTerm, KDTerm
@@ -78,6 +88,42 @@ def test_conclusion_reports_the_paired_differences(study):
     control = result.paired("gram_batch_mean")
     assert f"batch-mean control: {100 * control['mean']:+.2f}" in text
     assert "noisy setting" in text and "paired over 2 seed(s)" in text
+    keras_kd = result.paired("keras_kd")
+    note = text[text.index("keras_kd, Keras' own") :]
+    assert f"differs from kd by {100 * keras_kd['mean']:+.2f} ±" in note
+    assert "w = 1/(1 + kd_weight) = 0.5" in note and "divided by 2" in note
+    assert "trains like kd with ε = 2 × 1e-7" in note
+
+
+def test_keras_kd_note_only_when_keras_kd_ran():
+    from keras_gramkd.study.result import MethodResult
+
+    def runs(name, accuracy):
+        return MethodResult.from_dict(
+            name,
+            {
+                "seeds": [0, 1],
+                "accuracy": accuracy,
+                "dropped": {},
+                "gram_gap": [0.0, 0.0],
+                "train_time_s": [1.0, 1.0],
+                "params": 1,
+            },
+        )
+
+    methods = {
+        "kd": runs("kd", [0.8, 0.9]),
+        "gram": runs("gram", [0.81, 0.92]),
+        "keras_kd": runs("keras_kd", [0.79, 0.91]),
+    }
+    result = StudyResult(methods, "kd", 0.95, {}, 10, {"seeds": [0, 1]})
+    data = settings.load_setting("clean", ["mor"], train_per_class=1)
+    text = report.conclusion(result, data, "gram", kd_weight=3.0)
+    assert "differs from kd by +0.00 ± 1.00 points" in text
+    assert "w = 1/(1 + kd_weight) = 0.25" in text and "divided by 4" in text
+    assert "ε = 4 × 1e-7" in text
+    del methods["keras_kd"]
+    assert "keras_kd" not in report.conclusion(result, data, "gram")
 
 
 @pytest.mark.slow
@@ -324,3 +370,121 @@ def test_cli_arguments_and_errors(capsys):
     assert "argument --seeds: must be at least 1, got 0" in capsys.readouterr().err
     assert demo.run_demo(_parser().parse_args(["--methods", "kd,nope"])) == 2
     assert "nope" in capsys.readouterr().err
+
+
+ALL_CONCAT = [
+    "labels",
+    "kd",
+    "keras_kd",
+    "gram",
+    "gram_batch_mean",
+    "gram_off_diagonal",
+    "sp",
+    "rkd",
+    "pkt",
+    "fitnet",
+    "modality_sp",
+]
+
+
+def test_default_runs_the_chosen_methods_and_full_runs_all():
+    default = demo_study.resolve_config(None, "noisy")
+    assert default["methods"] == ["labels", "kd", "gram", "gram_batch_mean", "sp"]
+    assert (default["seeds"], default["epochs"], default["teacher_epochs"]) == (
+        3,
+        30,
+        30,
+    )
+    fused = demo_study.resolve_config(None, "unreliable")["methods"]
+    assert fused == [
+        "labels",
+        "kd",
+        "gram",
+        "gram_fused",
+        "gram_fused_batch_mean",
+        "sp",
+    ]
+    full = demo_study.resolve_config(None, "noisy", full=True)
+    assert full["methods"] == ALL_CONCAT and full["full"]
+    assert (full["seeds"], full["epochs"], full["teacher_epochs"]) == (3, 30, 30)
+    every, _ = demo_methods(full, full["views"], fusion="attention")
+    unreliable = demo_study.resolve_config(None, "unreliable", full=True)["methods"]
+    assert unreliable == list(every)
+    # explicit options still override --full
+    mine = demo_study.resolve_config(
+        None, "noisy", full=True, methods=["kd", "rkd"], seeds=5, epochs=7
+    )
+    assert mine["methods"] == ["kd", "rkd"] and (mine["seeds"], mine["epochs"]) == (
+        5,
+        7,
+    )
+    with pytest.raises(ValueError, match="exclude each other"):
+        demo_study.resolve_config(None, "noisy", full=True, quick=True)
+
+
+def test_expected_time_is_the_measured_formula():
+    cfg = {
+        "teacher_epochs": 20,
+        "epochs": 10,
+        "seeds": 2,
+        "methods": ["kd", "rkd", "gram_fused_batch_mean"],
+    }
+    per_seed = 3 * demo_study.KD_RUN_S + demo_study.KD_EPOCH_S * 10 * (
+        METHOD_COST["kd"] + METHOD_COST["rkd"] + METHOD_COST["gram"]
+    )
+    expected = demo_study.STARTUP_S + 20 * demo_study.TEACHER_EPOCH_S + 2 * per_seed
+    assert demo_study.expected_seconds(cfg) == pytest.approx(expected)
+    assert method_cost("gram_fused_batch_mean") == METHOD_COST["gram"]
+    assert METHOD_COST["rkd"] > 2 * METHOD_COST["kd"]  # RKD's B x B x B angles
+    default = demo_study.expected_seconds(demo_study.resolve_config(None, "noisy"))
+    full = demo_study.expected_seconds(
+        demo_study.resolve_config(None, "noisy", full=True)
+    )
+    assert default <= 240 < full  # the default fits in 4 minutes; --full does not
+    line = demo_study.expected_line(demo_study.resolve_config(None, "noisy"))
+    assert line == (
+        f"Expected: about {default / 60:.0f} min on 2 idle CPU cores (teacher 30 "
+        "epochs, 5 methods × 3 seeds × 30 epochs)"
+    )
+
+
+def test_cli_full_and_overrides_reach_the_study(monkeypatch, capsys):
+    calls = []
+
+    def fake_run_study(views, setting, **kwargs):
+        calls.append(kwargs)
+        return {}
+
+    monkeypatch.setattr(demo_cli, "run_study", fake_run_study)
+    assert demo.run_demo(_parser().parse_args(["--full", "--seeds", "4"])) == 0
+    assert calls[-1]["full"] and calls[-1]["seeds"] == 4 and not calls[-1]["quick"]
+    assert demo.run_demo(_parser().parse_args([])) == 0
+    assert not calls[-1]["full"] and calls[-1]["methods"] is None
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--full", "--quick"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_verbose_run_prints_the_expected_time_first_and_the_folder_last(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    console = make_console(file=io.StringIO())
+    results = demo.run_study(
+        views=VIEWS,
+        seeds=1,
+        epochs=1,
+        teacher_epochs=1,
+        methods=["kd", "keras_kd"],
+        train_per_class=TRAIN_PER_CLASS,
+        out="run",
+        console=console,
+    )
+    lines = console.file.getvalue().strip().splitlines()
+    assert lines[0] == demo_study.expected_line(results["config"])
+    assert lines[-1] == f"Wrote {tmp_path / 'run'}{os.sep}"
+    assert results["expected_time_s"] == demo_study.expected_seconds(results["config"])
+    assert (
+        "keras_kd, Keras' own keras.distillation.Distiller" in (results["conclusion"])
+    )

@@ -83,7 +83,8 @@ def test_tf_mirrored_strategy_matches_single_device(tmp_path):
     """Loss, terms and updated weights within 1e-5 of one device.
 
     Needs every term, and the student's regularisation loss, scaled by the
-    replica count the way Keras scales its own losses (see docs/reliability.md).
+    replica count the way Keras scales its own losses (see
+    docs/guide/precision-resume-devices.md).
     """
     result = _run_child(tmp_path)
     assert [d.rsplit(":", 2)[-2:] for d in result["devices"]] == [

@@ -2,7 +2,7 @@
 
 Runs on every backend, on CPU, under `mixed_float16` and `mixed_bfloat16`.
 The full measurement (all backends, both policies, 10 epochs, 2 seeds) is in
-docs/reliability.md; the digits test here is its short version.
+docs/guide/precision-resume-devices.md; the digits test here is its short version.
 """
 
 import keras
@@ -212,7 +212,8 @@ def _distil(train, test, teacher_weights):
 def test_digits_accuracy_close_to_float32(digits, policy):
     """Teacher and distilled student within 1 point of float32 on the digits.
 
-    Measured here: at most 0.2 points on every backend (docs/reliability.md).
+    Measured here: at most 0.2 points on every backend
+    (docs/guide/precision-resume-devices.md).
     """
     train, test, weights, reference = digits
     teacher_acc, student_acc = _distil(train, test, weights)

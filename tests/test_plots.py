@@ -9,7 +9,14 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from keras_gramkd.plots import plot_gram_matrices, plot_training_curves  # noqa: E402
+from keras_gramkd.plots import (  # noqa: E402
+    gram_color_limits,
+    plot_class_gram_matrices,
+    plot_gram_matrices,
+    plot_paired_differences,
+    plot_training_curves,
+    run_style,
+)
 
 NAMES = ["image", "audio", "text"]
 
@@ -32,13 +39,26 @@ def _annotations(ax):
     return [float(t.get_text()) for t in ax.texts]
 
 
+def _off_diagonal(*matrices):
+    m = matrices[0].shape[0]
+    return np.concatenate([a[~np.eye(m, dtype=bool)] for a in matrices])
+
+
+def _heatmaps(fig):
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def _colorbars(fig):
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
 def test_gram_plot_png_labels_and_annotated_values(tmp_path):
     teacher, student = _grams()
     path = tmp_path / "gram.png"
     fig = plot_gram_matrices(teacher, student, NAMES, path=path, title="epoch 3")
 
     width, height = _png_size(path)
-    assert width > 500 and height > 150
+    assert 600 < width < 1600 and 250 < height < 700
     assert path.stat().st_size > 10_000
     assert fig.get_suptitle() == "epoch 3"
 
@@ -57,13 +77,20 @@ def test_gram_plot_png_labels_and_annotated_values(tmp_path):
     np.testing.assert_allclose(
         _annotations(ax_d), np.abs(teacher - student).ravel(), atol=0.005
     )
-    # Heat maps show the matrices, on one colour scale for teacher and student.
-    np.testing.assert_allclose(ax_t.images[0].get_array(), teacher)
-    np.testing.assert_allclose(ax_s.images[0].get_array(), student)
-    both = np.concatenate([teacher, student])
+    # Heat maps show the matrices, on one colour scale for teacher and student
+    # set by the off-diagonal entries; the diagonal is masked and hatched.
+    np.testing.assert_allclose(ax_t.images[0].get_array().data, teacher)
+    np.testing.assert_allclose(ax_s.images[0].get_array().data, student)
+    off = _off_diagonal(teacher, student)
     assert ax_t.images[0].get_clim() == ax_s.images[0].get_clim()
-    np.testing.assert_allclose(ax_t.images[0].get_clim(), (both.min(), both.max()))
-    assert ax_d.images[0].get_clim()[0] == 0.0
+    assert ax_t.images[0].get_clim() == (off.min(), off.max())
+    assert max(np.diag(teacher).max(), np.diag(student).max()) > off.max()
+    diff = np.abs(teacher - student)
+    assert ax_d.images[0].get_clim() == (0.0, _off_diagonal(diff).max())
+    for ax in (ax_t, ax_s, ax_d):
+        mask = np.ma.getmaskarray(ax.images[0].get_array())
+        np.testing.assert_array_equal(mask, np.eye(3, dtype=bool))
+        assert [p.get_hatch() for p in ax.patches] == ["///"] * 3
 
 
 def test_gram_plot_class_rows(tmp_path):
@@ -73,7 +100,7 @@ def test_gram_plot_class_rows(tmp_path):
     fig = plot_gram_matrices(
         teacher, student, NAMES, path=path, class_grams=class_grams, fmt=".3f"
     )
-    heatmaps = [ax for ax in fig.axes if ax.get_title()]
+    heatmaps = _heatmaps(fig)
     assert [ax.get_title() for ax in heatmaps] == [
         "teacher",
         "student",
@@ -91,13 +118,12 @@ def test_gram_plot_class_rows(tmp_path):
     np.testing.assert_allclose(
         _annotations(heatmaps[6]), class_grams[7][0].ravel(), atol=0.0005
     )
-    # One colour scale across all teacher and student maps of all rows.
-    all_grams = np.stack([teacher, student, *class_grams[3], *class_grams[7]])
+    # One colour scale across all teacher and student maps of all rows, from
+    # their off-diagonal entries.
+    off = _off_diagonal(teacher, student, *class_grams[3], *class_grams[7])
     for ax in heatmaps:
         if not ax.get_title().endswith("|"):
-            np.testing.assert_allclose(
-                ax.images[0].get_clim(), (all_grams.min(), all_grams.max())
-            )
+            assert ax.images[0].get_clim() == (off.min(), off.max())
     # Three rows of heat maps are much taller than one.
     single = tmp_path / "single.png"
     plot_gram_matrices(teacher, student, NAMES, path=single)
@@ -177,18 +203,19 @@ def test_training_curves_several_runs_and_keys(tmp_path):
         "kd only": {"loss": [3.0, 2.0], "kd_loss": [1.0, 0.5], "val_loss": [3, 2.5]},
     }
     fig = plot_training_curves(runs, path=tmp_path / "runs.png", keys=["kd_loss"])
-    assert [ax.get_title() for ax in fig.axes] == ["kd_loss"]
+    assert [ax.get_title() for ax in fig.axes] == ["kd_loss, training"]
     (ax,) = fig.axes
     labels = [line.get_label() for line in ax.lines]
-    assert labels == ["gram train", "kd only train"]
+    assert labels == ["gram", "kd only"]
     np.testing.assert_allclose(ax.lines[1].get_ydata(), [1.0, 0.5])
     assert ax.lines[0].get_color() != ax.lines[1].get_color()
     assert _png_size(tmp_path / "runs.png")[0] > 200
 
-    fig = plot_training_curves(runs)
+    fig = plot_training_curves(runs, keys=["loss", "val_loss", "val_accuracy"])
     by_title = {ax.get_title(): ax for ax in fig.axes}
-    assert len(by_title["loss"].lines) == 4  # two runs x (train, val)
-    assert len(by_title["accuracy"].lines) == 2  # only the first run has it
+    assert len(by_title["loss, training"].lines) == 2
+    assert len(by_title["loss, validation"].lines) == 2
+    assert len(by_title["accuracy, validation"].lines) == 1  # only "gram" has it
 
 
 @pytest.mark.parametrize(
@@ -201,6 +228,9 @@ def test_training_curves_several_runs_and_keys(tmp_path):
         ({"loss": [1.0]}, {"keys": ["gram_loss"]}, r"'gram_loss'.*metrics.*'loss'"),
         ({"loss": [1.0]}, {"keys": []}, r"`keys` is empty"),
         ([1.0, 2.0], {}, r"keras History or a dict"),
+        ({"loss": [1.0]}, {"log_scale": "yes"}, r"`log_scale` must be"),
+        ({"loss": [1.0]}, {"titles": ["a"]}, r"`titles` must be a dict"),
+        ({"a": {"loss": [1.0]}}, {"keys": ["val_loss"]}, r"'val_loss'.*metrics"),
     ],
 )
 def test_training_curves_errors(history, kwargs, match):
@@ -214,18 +244,212 @@ def test_missing_matplotlib_names_the_extra(monkeypatch):
         plot_training_curves({"loss": [1.0]})
 
 
-def test_gram_plot_has_a_colour_bar_under_each_column():
-    # The bars sit under their own panels, so no empty gap opens between the
-    # student and the difference columns.
+def test_gram_plot_colour_bars_beside_the_maps():
     teacher, student = _grams(1)
     fig = plot_gram_matrices(teacher, student, NAMES, class_grams={3: _grams(2)})
     fig.canvas.draw()
-    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
-    panels = [ax for ax in fig.axes if ax.get_title()][:3]
-    assert [bar.get_xlabel() for bar in bars] == ["Gram", "Gram", "|teacher - student|"]
-    for bar, panel in zip(bars, panels, strict=True):
-        b, p = bar.get_position(), panel.get_position()
-        assert b.y1 < p.y0  # below the panels
-        assert abs((b.x0 + b.x1) / 2 - (p.x0 + p.x1) / 2) < 0.1 * p.width
-    gap = panels[2].get_position().x0 - panels[1].get_position().x1
-    assert gap < 0.5 * panels[1].get_position().width
+    bars = _colorbars(fig)
+    maps = _heatmaps(fig)
+    assert [bar.get_ylabel() for bar in bars] == [
+        "Gram (off-diagonal scale; diagonal hatched)",
+        "|teacher - student|",
+    ]
+    gram_bar, diff_bar = (bar.get_position() for bar in bars)
+    student, diff = maps[1].get_position(), maps[2].get_position()
+    # Teacher | student | Gram bar | difference | its bar, vertically centred.
+    assert student.x1 < gram_bar.x0 < gram_bar.x1 < diff.x0 < diff.x1 < diff_bar.x0
+    for bar in (gram_bar, diff_bar):
+        assert (
+            bar.y0 < maps[-1].get_position().y1 and bar.y1 > maps[0].get_position().y0
+        )
+
+
+def test_gram_colour_limits_ignore_the_diagonal():
+    cosine = np.array([[1.0, 0.1, 0.4], [0.1, 1.0, 0.3], [0.4, 0.3, 1.0]])
+    other = np.array([[1.0, 0.2, 0.5], [0.2, 1.0, 0.25], [0.5, 0.25, 1.0]])
+    assert gram_color_limits([cosine, other]) == (0.1, 0.5)
+    assert gram_color_limits([np.array([[2.0]])]) == (1.0, 3.0)  # M = 1: all
+    fig = plot_gram_matrices(np.array([[2.0]]), np.array([[1.5]]), ["a"])
+    assert fig.axes[0].images[0].get_clim() == (1.5, 2.0)
+
+
+def test_class_gram_figure_is_compact_and_readable(tmp_path):
+    names = ["fou", "fac", "kar", "pix", "zer", "mor"]
+    rng = np.random.default_rng(5)
+    class_grams = {}
+    for c in range(10):
+        a = rng.normal(size=(6, 8)) + 1.0
+        a /= np.linalg.norm(a, axis=1, keepdims=True)
+        b = a + 0.3 * rng.normal(size=a.shape)
+        b /= np.linalg.norm(b, axis=1, keepdims=True)
+        class_grams[f"digit {c}"] = (a @ a.T, b @ b.T)
+    path = tmp_path / "gram_per_class.png"
+    fig = plot_class_gram_matrices(class_grams, names, path=path, title="per digit")
+    width, height = _png_size(path)
+    assert 1000 < width < 2400 and 800 < height < 2000
+    assert fig.get_suptitle() == "per digit"
+    maps = _heatmaps(fig)
+    assert len(maps) == 30 and all(len(ax.images) == 1 for ax in maps)
+    assert [ax.get_title() for ax in maps[3:6]] == [
+        "digit 1: teacher",
+        "digit 1: student",
+        "digit 1: |teacher - student|",
+    ]
+    off = _off_diagonal(*(m for pair in class_grams.values() for m in pair))
+    diffs = [np.abs(t - s) for t, s in class_grams.values()]
+    for i, ax in enumerate(maps):
+        limits = (0.0, _off_diagonal(*diffs).max()) if i % 3 == 2 else None
+        assert ax.images[0].get_clim() == (limits or (off.min(), off.max()))
+    assert len(_colorbars(fig)) == 2
+    np.testing.assert_allclose(
+        _annotations(maps[4]), class_grams["digit 1"][1].ravel(), atol=0.05
+    )
+    # Without annotations (many modalities by default), one class per row.
+    fig = plot_class_gram_matrices(
+        {0: class_grams["digit 0"]}, names, ncols=3, annotate=False
+    )
+    assert [len(ax.texts) for ax in _heatmaps(fig)] == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        (({}, NAMES), {}, "non-empty dict"),
+        (({1: (np.eye(3), np.eye(2))}, NAMES), {}, r"class_grams\[1\]\[1\]"),
+        (({1: (np.eye(3), np.eye(3))}, NAMES[:2]), {}, "2 names"),
+        (({1: (np.eye(3), np.eye(3))}, NAMES), {"ncols": 0}, "`ncols`"),
+    ],
+)
+def test_class_gram_errors(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plot_class_gram_matrices(*args, **kwargs)
+
+
+def test_paired_differences_title_and_values(tmp_path):
+    diffs = {"gram": [0.01, -0.002, 0.004], "sp": [0.02, 0.01, 0.0]}
+    path = tmp_path / "paired.png"
+    fig = plot_paired_differences(diffs, "kd", path=path, setting="noisy")
+    assert fig.get_suptitle() == (
+        "Paired accuracy difference to kd per method, noisy setting, 3 seeds"
+    )
+    width, height = _png_size(path)
+    assert 500 < width < 1000 and 200 < height < 600
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["gram", "sp"]
+    dots = [line for line in ax.lines if line.get_marker() == "o"]
+    np.testing.assert_allclose(dots[0].get_xdata(), [1.0, -0.2, 0.4])
+    np.testing.assert_allclose(dots[1].get_ydata(), [1, 1, 1])
+    assert [t.get_text() for t in ax.texts] == ["+0.40 ± 0.35", "+1.00 ± 0.58"]
+    fig = plot_paired_differences({"gram": [0.01]}, "kd", seeds=1)
+    assert fig.get_suptitle().endswith(", 1 seed")
+    fig = plot_paired_differences(diffs, "kd", title="my title")
+    assert fig.get_suptitle() == "my title"
+    with pytest.raises(ValueError, match="diffs is empty"):
+        plot_paired_differences({}, "kd")
+    with pytest.raises(ValueError, match=r"diffs\['sp'\] has no values"):
+        plot_paired_differences({"gram": [0.1], "sp": []}, "kd")
+
+
+METHODS = [
+    "labels",
+    "kd",
+    "keras_kd",
+    "gram",
+    "gram_batch_mean",
+    "gram_off_diagonal",
+    "sp",
+    "rkd",
+    "pkt",
+    "fitnet",
+    "modality_sp",
+    "extra",
+]
+
+
+def _study_histories(validation=True):
+    """Twelve methods' histories like the demo's: FitNet's loss near 400."""
+    epochs = np.arange(1, 6)
+    runs = {}
+    for i, name in enumerate(METHODS):
+        task = 2.0 * np.exp(-epochs / 3) + 0.01 * i
+        run = {"accuracy": 0.9 - 0.5 * np.exp(-epochs / 2) - 0.01 * i}
+        run["task_loss"] = task
+        if name != "labels":
+            run["kd_loss"] = 0.5 * np.exp(-epochs / 4) + 0.01 * i
+        if name.startswith("gram"):
+            run["gram_loss"] = 0.02 * np.exp(-epochs / 4) + 0.001 * i
+        if name == "fitnet":
+            run["fitnet_loss"] = 4.0 * np.exp(-epochs)
+        run["loss"] = task + 100 * run.get("fitnet_loss", 0.0)
+        if validation:
+            run["val_accuracy"] = run["accuracy"] - 0.02
+            run["val_loss"] = run["loss"] + 0.1
+        runs[name] = {k: list(v) for k, v in run.items()}
+    return runs
+
+
+def test_curves_compare_twelve_methods(tmp_path):
+    runs = _study_histories()
+    path = tmp_path / "curves.png"
+    label = "test accuracy per epoch (observed only; the last epoch is kept)"
+    fig = plot_training_curves(
+        runs, path=path, title="seed 0", titles={"val_accuracy": label, "nope": "x"}
+    )
+    width, height = _png_size(path)
+    assert 1000 < width < 2200 and 500 < height < 1400
+    assert fig.get_suptitle() == "seed 0"
+    panels = fig.axes
+    assert [ax.get_title().replace("\n", " ") for ax in panels] == [
+        label,
+        "accuracy, training",
+        "task_loss, training",
+        "kd_loss, training",
+        "gram_loss, training",
+        "fitnet_loss, training",
+    ]
+    assert all(ax.lines for ax in panels)  # no empty panel
+    # The held-out curves, one per method, in each method's style.
+    val = panels[0]
+    assert [line.get_label() for line in val.lines] == METHODS
+    styles = [(line.get_color(), line.get_linestyle()) for line in val.lines]
+    assert len(set(styles)) == 12
+    for i, name in enumerate(METHODS):
+        np.testing.assert_allclose(val.lines[i].get_ydata(), runs[name]["val_accuracy"])
+    # Each term's panel holds only the methods that have the term, styled alike.
+    by_title = {ax.get_title(): ax for ax in panels}
+    gram = by_title["gram_loss, training"]
+    assert [line.get_label() for line in gram.lines] == [
+        "gram",
+        "gram_batch_mean",
+        "gram_off_diagonal",
+    ]
+    assert (gram.lines[0].get_color(), gram.lines[0].get_linestyle()) == styles[3]
+    assert len(by_title["kd_loss, training"].lines) == 11
+    # FitNet's loss spans decades: log scale there, linear where it does not.
+    assert by_title["fitnet_loss, training"].get_yscale() == "log"
+    assert by_title["task_loss, training"].get_yscale() == "linear"
+    # One legend beside the panels, one entry per method.
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == METHODS
+    fig.canvas.draw()
+    legend_box = legend.get_window_extent()
+    for ax in panels:
+        assert not legend_box.overlaps(ax.get_window_extent())
+
+
+def test_curves_without_validation_and_with_keys():
+    runs = _study_histories(validation=False)
+    fig = plot_training_curves(runs, titles={"val_accuracy": "unused"})
+    assert fig.axes[0].get_title() == "accuracy, training"
+    assert not any("val" in ax.get_title() for ax in fig.axes)
+    fig = plot_training_curves(runs, keys=["loss"], log_scale=False)
+    (ax,) = fig.axes
+    assert len(ax.lines) == 12 and ax.get_yscale() == "linear"
+    fig = plot_training_curves(runs, keys=["loss"])
+    assert fig.axes[0].get_yscale() == "log"  # FitNet's ~400 beside ~0.1
+
+
+def test_run_styles_are_distinct():
+    styles = [run_style(i) for i in range(48)]
+    assert len({(color, line) for color, line, _ in styles}) == 48
+    assert len({marker for _, _, marker in styles[:12]}) == 12

@@ -173,6 +173,49 @@ def test_custom_trainers_teacher_split_steps_and_kept_students(teacher):
     assert again.students == {}
 
 
+def test_validation_split_adds_val_curves_only(teacher):
+    # `validation` is observed after each epoch: val_ entries and accuracy
+    # (labelled rows only) in every method's history, the same training and
+    # scores as without it.
+    def keras_distiller(t, s):
+        return keras.distillation.Distiller(
+            teacher=t,
+            student=s,
+            distillation_losses=keras.distillation.LogitsDistillation(temperature=2),
+        )
+
+    args = dict(
+        teacher=teacher,
+        build_student=_student,
+        train=make_data(32, seed=2),
+        test=make_data(16, seed=3),
+        methods={"labels": [], "kd": [KDTerm()], "keras": keras_distiller},
+        seeds=[1],
+        epochs=2,
+        batch_size=16,
+        loss=lambda: keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, ignore_class=-1
+        ),
+        keep_students=True,
+        jit_compile=False,
+    )
+    x_val, y_val = make_data(12, seed=4)
+    y_val[:4] = -1  # unlabelled rows: left out of the accuracy
+    result = compare_methods(**args, validation=(x_val, y_val))
+    for name in ("labels", "kd", "keras"):
+        history = result.methods[name].histories[0]
+        assert len(history["val_loss"]) == 2 and len(history["val_accuracy"]) == 2
+        logits = keras.ops.convert_to_numpy(result.students[(name, 1)](x_val))
+        labelled = y_val >= 0
+        expected = np.mean(logits[labelled].argmax(-1) == y_val[labelled])
+        assert history["val_accuracy"][-1] == pytest.approx(expected)
+    assert "val_kd_loss" in result.methods["kd"].histories[0]
+    plain = compare_methods(**args)
+    assert plain.methods["kd"].accuracy == result.methods["kd"].accuracy
+    assert not any(k.startswith("val_") for k in plain.methods["kd"].histories[0])
+    assert "accuracy" not in plain.methods["kd"].histories[0]
+
+
 def test_paired_statistics_match_numpy():
     values, reference = [0.91, 0.88, 0.90, 0.86], [0.90, 0.89, 0.87, 0.86]
     p = paired_difference(values, reference)
@@ -269,6 +312,11 @@ def test_seeded_batches_repeat_per_seed_and_cover_every_row():
         ({"seeds": 0}, "seeds must be >= 1"),
         ({"seeds": [1, 1]}, "seeds must be distinct"),
         ({"teacher_modalities": {"a": "t_a"}}, "Give both teacher_modalities"),
+        (
+            {"validation": (make_data(8)[0], np.zeros(5))},
+            r"validation's x and y must have the same number of rows: y has 5",
+        ),
+        ({"validation": make_data(8)[0]}, r"validation must be a pair \(x, y\)"),
     ],
 )
 def test_bad_arguments_fail_clearly(teacher, kwargs, message):

@@ -362,3 +362,21 @@ except ImportError as error:
     assert result.returncode == 0, result.stderr
     assert 'pip install "keras-gramkd[tune]"' in result.stdout
     assert 'pip install "keras-gramkd[tune]"' in result.stderr
+
+
+def test_gramkd_tune_prints_a_line_per_trial_and_its_folder(tmp_path, capsys):
+    from gramkd import cli
+
+    directory = tmp_path / "tune"
+    argv = ["tune", "--trials", "2", "--epochs", "2", "--teacher-epochs", "1"]
+    argv += ["--views", "fou", "mor", "--directory", str(directory)]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    trials = [line for line in lines if line.startswith("Trial ")]
+    assert [line.split(":")[0] for line in trials] == ["Trial 1/2", "Trial 2/2"]
+    for line in trials:
+        assert "kd " in line and ", gram " in line and ", T " in line
+        assert "val_accuracy 0." in line and "(epoch " in line and " s in all" in line
+    assert "gram 0," in trials[1]  # the second trial turns the Gram term off
+    assert lines[-1] == f"Wrote {directory}{os.sep}"
+    assert (directory / "summary.json").exists()

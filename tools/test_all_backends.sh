@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 for backend in ${BACKENDS:-tensorflow jax torch}; do
   echo "=== KERAS_BACKEND=$backend"
   KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider \
-    --doctest-modules --ignore=keras_gramkd/__main__.py keras_gramkd tests "$@"
+    --doctest-modules keras_gramkd gramkd tests "$@"
 done

@@ -21,7 +21,12 @@ def run_demo(args):
     )
     try:
         resolve_config(
-            views, args.setting, quick=args.quick, methods=args.methods, **options
+            views,
+            args.setting,
+            quick=args.quick,
+            full=args.full,
+            methods=args.methods,
+            **options,
         )
     except ValueError as error:
         print(f"gramkd demo: error: {error}", file=sys.stderr)
@@ -31,6 +36,7 @@ def run_demo(args):
         args.setting,
         methods=args.methods,
         quick=args.quick,
+        full=args.full,
         out=args.out,
         export=args.export,
         **options,

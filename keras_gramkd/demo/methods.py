@@ -6,8 +6,12 @@ difference against ``kd`` is what that term buys on top of KD:
 - ``labels``: the task loss only; ``kd``: + logit KD (Hinton);
 - ``keras_kd``: `keras.distillation.Distiller` with
   `LogitsDistillation(temperature=T, loss=keras.losses.KLDivergence())`, the
-  reference Keras ships, total ``w·task + (1 - w)·KD`` with ``w = 1 / (1 +
-  kd_weight)``: the ``kd`` loss divided by ``1 + kd_weight``;
+  reference Keras ships: total ``w·task + (1 - w)·T²·KL`` with ``w = 1 / (1 +
+  kd_weight)``, which is the ``kd`` loss ``task + kd_weight·T²·KL`` divided by
+  ``1 + kd_weight``. Adam's step is the same for a scaled loss but for its
+  epsilon, so keras_kd trains like kd with epsilon ``(1 + kd_weight)·1e-7``
+  (with epsilon ``1e-7 / (1 + kd_weight)`` instead, its student's weights
+  equal kd's to 3e-6 after 30 epochs; TensorFlow, noisy setting);
 - ``gram``: + the modality Gram of the view embeddings (M × M per sample);
 - ``gram_fused``: + the modality Gram of the tokens after the attention fusion
   (students with ``fusion="attention"`` only);
@@ -35,6 +39,7 @@ Example:
 
 import keras
 
+from gramkd import options
 from keras_gramkd.losses import ModalityGram
 from keras_gramkd.relational import (
     FitNetTerm,
@@ -54,6 +59,36 @@ CONTROLS = {
     "off_diagonal": {"entries": "off_diagonal"},
 }
 QUICK_METHODS = ("labels", "kd", "gram", "gram_fused")
+# The default methods live with the command line, which prints them without keras.
+DEFAULT_METHODS = options.DEMO_METHODS
+# One epoch of each method, in kd epochs: CPU seconds of epochs 2-30 (after
+# tracing) over those of the kd runs just before and after it, the mean of two
+# repeats (TensorFlow, noisy setting, six views; both repeats within 0.16 of the
+# mean but RKD's, 4.6 and 3.6). A Gram or control not listed costs what "gram"
+# does. Used by `keras_gramkd.demo.study.expected_seconds`.
+METHOD_COST = {
+    "labels": 0.67,
+    "kd": 1.0,
+    "keras_kd": 1.0,
+    "gram": 1.1,
+    "gram_off_diagonal": 1.25,
+    "sp": 0.9,
+    "rkd": 4.1,
+    "pkt": 1.05,
+    "fitnet": 1.1,
+    "modality_sp": 1.2,
+}
+
+
+def method_cost(name):
+    """An epoch of `name` in kd epochs (`METHOD_COST`).
+
+    >>> method_cost("kd"), method_cost("gram_batch_mean") == method_cost("gram")
+    (1.0, True)
+    """
+    if name in METHOD_COST:
+        return METHOD_COST[name]
+    return METHOD_COST["gram"] if name.startswith("gram") else METHOD_COST["kd"]
 
 
 def skipped_controls(normalize, main="gram"):

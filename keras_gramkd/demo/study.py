@@ -18,13 +18,19 @@ import keras
 
 # The defaults live with the command line, which prints them without keras.
 from gramkd.options import DEMO_DEFAULTS as DEFAULTS
-from gramkd.options import GRAM_NORMALIZE_CHOICES, QUICK
+from gramkd.options import FULL, GRAM_NORMALIZE_CHOICES, QUICK
 from keras_gramkd import zoo
 from keras_gramkd.checks import check_number
 from keras_gramkd.console import make_console
 from keras_gramkd.datasets.mfeat import check_views
 from keras_gramkd.demo import report
-from keras_gramkd.demo.methods import QUICK_METHODS, demo_methods, main_gram
+from keras_gramkd.demo.methods import (
+    DEFAULT_METHODS,
+    QUICK_METHODS,
+    demo_methods,
+    main_gram,
+    method_cost,
+)
 from keras_gramkd.demo.settings import (
     DEFAULT_SETTING,
     TEST_NOISE_SEED,
@@ -38,19 +44,42 @@ from keras_gramkd.study import SeededBatches, compare_methods, modality_grams
 
 TEACHER_SEED = 0
 
+# The expected wall time (`expected_seconds`) of `gramkd demo` on 2 CPU cores,
+# TensorFlow, six views. Measured as the process's CPU seconds (user + system,
+# Python's `time.process_time`) of each piece, interleaving each method's
+# 30-epoch run with kd runs; the shared machine's load average was 4-9, so wall
+# times were 1.5-2.5 times these. On 2 idle cores a run takes at most about
+# its CPU time (it waits on nothing but the CPU), so the estimate errs long.
+# STARTUP_S: imports (4.7 s), data, figures, files; TEACHER_EPOCH_S: one
+# teacher epoch (30 in 12.0 s, tracing included); KD_RUN_S: one student run's
+# fixed part (building, compiling, tracing about 4.8 s, scoring about 3 s);
+# KD_EPOCH_S: one more kd epoch (8 steps; 29 in 4.06 s). Other methods' epochs
+# cost `method_cost(name)` kd epochs.
+STARTUP_S = 10.0
+TEACHER_EPOCH_S = 0.40
+KD_RUN_S = 8.0
+KD_EPOCH_S = 0.14
+
 
 def _flag(key):
     return f"--{key.replace('_', '-')}"
 
 
-def resolve_config(views, setting, quick=False, methods=None, **options):
-    """The run's settings: `DEFAULTS` (`QUICK` when quick) overridden by the
-    options that are not None; raises ValueError naming the bad option."""
-    cfg = {**DEFAULTS, **(QUICK if quick else {})}
+def resolve_config(views, setting, quick=False, methods=None, full=False, **options):
+    """The run's settings: `DEFAULTS` (`QUICK` when quick, `FULL` when full)
+    overridden by the options that are not None; raises ValueError naming the
+    bad option.
+
+    The methods: `methods` if given, else every method (`full`), the quick
+    ones (`quick`) or `DEFAULT_METHODS`, each as far as the setting has it.
+    """
+    if quick and full:
+        raise ValueError("--quick and --full exclude each other; give one.")
+    cfg = {**DEFAULTS, **(QUICK if quick else FULL if full else {})}
     cfg.update({k: v for k, v in options.items() if v is not None})
     cfg["views"] = list(check_views(views))
     cfg["setting"] = check_setting(setting)
-    cfg["quick"] = bool(quick)
+    cfg["quick"], cfg["full"] = bool(quick), bool(full)
     for key in ("epochs", "teacher_epochs", "seeds"):
         if int(cfg[key]) < 1:
             raise ValueError(f"{_flag(key)} must be >= 1; got {cfg[key]}.")
@@ -65,7 +94,8 @@ def resolve_config(views, setting, quick=False, methods=None, **options):
         )
     available, _ = demo_methods(cfg, cfg["views"], setting_fusion(cfg["setting"]))
     if methods is None:
-        methods = [m for m in available if not quick or m in QUICK_METHODS]
+        chosen = None if full else QUICK_METHODS if quick else DEFAULT_METHODS
+        methods = [m for m in available if chosen is None or m in chosen]
     methods = [m for item in methods for m in item.split(",") if m]
     unknown = [m for m in methods if m not in available]
     if unknown or "kd" not in methods or len(set(methods)) != len(methods):
@@ -80,6 +110,40 @@ def resolve_config(views, setting, quick=False, methods=None, **options):
         student_learning_rate=zoo.STUDENT_LEARNING_RATE,
     )
     return cfg
+
+
+def expected_seconds(cfg):
+    """The expected wall time of a run of `cfg` on 2 idle CPU cores.
+
+    ``STARTUP_S + TEACHER_EPOCH_S·teacher_epochs + seeds·Σ_methods (KD_RUN_S
+    + KD_EPOCH_S·method_cost(method)·epochs)``.
+    """
+    per_seed = sum(
+        KD_RUN_S + KD_EPOCH_S * method_cost(m) * cfg["epochs"] for m in cfg["methods"]
+    )
+    return STARTUP_S + TEACHER_EPOCH_S * cfg["teacher_epochs"] + cfg["seeds"] * per_seed
+
+
+def expected_line(cfg):
+    """The line the demo prints at its start: the expected time and the work.
+
+    >>> cfg = {"teacher_epochs": 30, "epochs": 30, "seeds": 3,
+    ...        "methods": ["labels", "kd", "gram", "gram_batch_mean"]}
+    >>> expected_line(cfg).split(" (")[1]
+    'teacher 30 epochs, 4 methods × 3 seeds × 30 epochs)'
+    """
+    seconds = expected_seconds(cfg)
+    about = (
+        f"{max(10, round(seconds, -1)):.0f} s"
+        if seconds < 90
+        else f"{seconds / 60:.0f} min"
+    )
+    n = len(cfg["methods"])
+    return (
+        f"Expected: about {about} on 2 idle CPU cores (teacher "
+        f"{cfg['teacher_epochs']} epochs, {n} method{'s' * (n != 1)} × "
+        f"{cfg['seeds']} seed{'s' * (cfg['seeds'] != 1)} × {cfg['epochs']} epochs)"
+    )
 
 
 def _model_size(model):
@@ -135,6 +199,7 @@ def _compare(teacher, data, cfg, methods, progress):
         steps_per_epoch=steps,
         optimizer=lambda: keras.optimizers.Adam(zoo.STUDENT_LEARNING_RATE),
         loss=_task_loss(data),
+        validation=data.student_test,
         modalities=list(views),
         teacher_modalities=zoo.view_addresses("t", views),
         student_modalities=zoo.view_addresses("s", views),
@@ -172,7 +237,7 @@ def _write_figures(out, teacher, result, data, cfg):
     method = method if method in result.methods else "kd"
     _plot_grams(out, teacher, result, data, cfg, method)
     report.plot_curves(out, result)
-    result.plot(os.path.join(out, "paired.png"))
+    result.plot(os.path.join(out, "paired.png"), setting=data.setting)
     return method
 
 
@@ -230,6 +295,7 @@ def run_study(
     gram_normalize=None,
     methods=None,
     quick=False,
+    full=False,
     out=None,
     train_per_class=None,
     verbose=True,
@@ -245,9 +311,12 @@ def run_study(
             over the full training split).
         seeds: number of student seeds (0, 1, ...), paired across methods.
         gram_weight, kd_weight, temperature, gram_normalize: the loss settings.
-        methods: names from `keras_gramkd.demo.methods` (default all; with
-            `quick`, labels, kd and the Grams); must include ``kd``.
+        methods: names from `keras_gramkd.demo.methods` (default
+            `DEFAULT_METHODS`; with `full`, all; with `quick`, labels, kd and
+            the Grams); must include ``kd``.
         quick: a smoke run: one seed, 5 epochs, the quick methods.
+        full: every method at `FULL` (3 seeds, 30 epochs); explicit
+            `methods`, `seeds` and `epochs` still override.
         out: output directory (default ``runs/demo-<timestamp>/``).
         train_per_class: optional cap on training samples per class.
         verbose: print progress and the tables.
@@ -265,6 +334,7 @@ def run_study(
         setting,
         quick=quick,
         methods=methods,
+        full=full,
         epochs=epochs,
         teacher_epochs=teacher_epochs,
         seeds=seeds,
@@ -280,6 +350,9 @@ def run_study(
     os.makedirs(out, exist_ok=True)
     console = console or make_console(quiet=not verbose)
     wall_start = time.perf_counter()
+    expected = expected_seconds(cfg)
+    if verbose:
+        console.print(expected_line(cfg), markup=False, highlight=False)
 
     data = load_setting(cfg["setting"], views, train_per_class)
     dims = {v: data.teacher_train[0][v].shape[1] for v in views}
@@ -317,8 +390,11 @@ def run_study(
             "its best seed",
         },
     }
-    results["conclusion"] = report.conclusion(result, data, gram_method)
+    results["conclusion"] = report.conclusion(
+        result, data, gram_method, kd_weight=cfg["kd_weight"]
+    )
     results["wall_time_s"] = time.perf_counter() - wall_start
+    results["expected_time_s"] = expected
     markdown = report.markdown(results, result)
     if export:
         exported = _export(student, data, out)

@@ -16,11 +16,16 @@ saved to a `.keras` file and converted in a child process running
 Backend-specific packages (tensorflow, onnxruntime, ai_edge_litert, ...) are
 imported lazily, inside the functions that need them.
 
-The modules, by concern: `inputs` (the student and its input data), `convert`
-(`model.export` and ONNX quantisation), `child` (the TensorFlow child process),
-`runtimes` (LiteRT and onnxruntime runners), `verify` (file vs Keras model),
-`report` (the table), `pipeline` (`export_student`) and `cli` (`gramkd export`).
-The names below are the public API.
+Each format is one `ExportFormat` record in a registry (`formats`): its name and
+aliases, suffix, the backends that convert it in process, its converter, the
+runner that verifies it and the quantisations it allows. `register_format` adds
+a format that `export_student` then writes and verifies like the built-in ones.
+
+The modules, by concern: `formats` (the registry), `inputs` (the student and its
+input data), `convert` (`model.export` and ONNX quantisation), `child` (the
+TensorFlow child process), `runtimes` (LiteRT and onnxruntime runners), `verify`
+(file vs Keras model), `report` (the table), `pipeline` (`export_student`) and
+`cli` (`gramkd export`). The names below are the public API.
 
 Example:
 
@@ -45,6 +50,13 @@ from keras_gramkd.export.errors import (
     ExportVerificationError,
     FlexOpsError,
 )
+from keras_gramkd.export.formats import (
+    ExportFormat,
+    format_names,
+    get_format,
+    register_format,
+    unregister_format,
+)
 from keras_gramkd.export.inputs import input_names, load_inputs_npz, load_student
 from keras_gramkd.export.pipeline import FORMATS, QUANTIZATIONS, export_student
 from keras_gramkd.export.report import ExportReport, ExportRow
@@ -61,15 +73,20 @@ __all__ = [
     "FORMATS",
     "QUANTIZATIONS",
     "ExportError",
+    "ExportFormat",
     "ExportReport",
     "ExportRow",
     "ExportVerificationError",
     "FlexOpsError",
     "export_student",
+    "format_names",
+    "get_format",
     "input_names",
     "load_inputs_npz",
     "load_student",
+    "register_format",
     "run_export",
     "tflite_op_names",
+    "unregister_format",
     "verify_artifact",
 ]

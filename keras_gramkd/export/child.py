@@ -5,7 +5,9 @@ jax2onnx). From another backend the parent saves the student to a `.keras` file
 and writes a JSON job: the model file, the files to write, the calibration
 `.npz` and the custom classes and functions to import by module and name. The
 child, `python -m keras_gramkd.export _child job.json`, loads the model and
-writes the files with `convert`.
+writes the files with each format's converter. The child knows the formats that
+`keras_gramkd.export.formats` registers at import (TFLite and ONNX); a format
+registered elsewhere must convert in process (`ExportFormat.in_process`).
 """
 
 import builtins
@@ -22,8 +24,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_gramkd.export.convert import convert
 from keras_gramkd.export.errors import ExportError
+from keras_gramkd.export.formats import child_knows, get_format
 from keras_gramkd.export.inputs import all_layers
 
 CHILD_COMMAND = "_child"
@@ -89,6 +91,15 @@ def custom_objects(model, formats):
 def child_objects(model, jobs):
     """Checks that the child process can run `jobs`; returns `custom_objects`."""
     formats = sorted({job["fmt"] for job in jobs})
+    unknown = [name for name in formats if not child_knows(get_format(name))]
+    if unknown:
+        raise ValueError(
+            f"The format(s) {unknown} cannot be converted under the "
+            f"{keras.backend.backend()} backend, and the TensorFlow child process "
+            "knows only the formats built into keras_gramkd.export.formats. Add "
+            "this backend to the format's `in_process` backends, or export under "
+            "a backend listed there."
+        )
     if importlib.util.find_spec("tensorflow") is None:
         raise ImportError(
             f"Exporting {formats} from the {keras.backend.backend()} backend "
@@ -158,5 +169,7 @@ def child_main(spec_path):
         with np.load(spec["calibration"]) as npz:
             calibration = {k: npz[k] for k in npz.files}
     for job in spec["jobs"]:
-        convert(model, **job, calibration=calibration, int8_io=spec["int8_io"])
+        get_format(job["fmt"]).convert(
+            model, job["out"], job["quantize"], calibration, spec["int8_io"]
+        )
     return 0

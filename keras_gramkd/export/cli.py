@@ -5,6 +5,7 @@ The options are those of `gramkd.options.add_export_arguments`.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def run_export(args):
     print(report.to_markdown() if args.markdown else report)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    print(f"Wrote {os.path.join(os.path.abspath(args.out), '')}")
     if args.no_check or report.ok:
         return 0
     print("gramkd export: some files missed their tolerance", file=sys.stderr)

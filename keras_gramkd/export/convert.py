@@ -1,10 +1,9 @@
-"""Writing the files: Keras' `model.export` in this process, ONNX quantisation.
+"""The built-in converters: Keras' `model.export` and ONNX quantisation.
 
-TensorFlow, tf2onnx and onnxruntime are imported inside the functions that use
-them.
+`keras_gramkd.export.formats` names them in the formats' records. TensorFlow,
+tf2onnx and onnxruntime are imported inside the functions that use them.
 """
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -20,17 +19,16 @@ CHILD = "child process (tensorflow)"
 
 
 def in_process_supported(fmt):
-    """Whether Keras can write `fmt` ("tflite", "onnx") in this process's backend."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        return True
-    if fmt == "onnx" and backend == "torch":
-        return True
-    if fmt == "onnx" and backend == "jax":
-        return importlib.util.find_spec("jax2onnx") is not None
-    # TFLite quantisation (float16 / dynamic / int8) uses the TensorFlow
-    # converter; Keras' torch route (litert-torch) does not offer it.
-    return False
+    """Whether Keras can write `fmt` ("tflite", "onnx") in this process's backend.
+
+    The backends are the format's `ExportFormat.in_process`: TFLite only under
+    TensorFlow (its quantisation uses the TensorFlow converter, which Keras'
+    torch route, litert-torch, does not offer), ONNX under TensorFlow, torch,
+    and JAX with jax2onnx installed.
+    """
+    from keras_gramkd.export.formats import get_format
+
+    return get_format(fmt).converts_in_process()
 
 
 def _tflite_converter_kwargs(quantize, calibration, int8_io):
@@ -56,23 +54,36 @@ def _tflite_converter_kwargs(quantize, calibration, int8_io):
     return kwargs
 
 
+def convert_tflite(model, out, quantize=None, calibration=None, int8_io=False):
+    """Writes a `.tflite` file with `model.export(format="litert")`, quantised."""
+    require("tensorflow", "TFLite export")
+    kwargs = _tflite_converter_kwargs(quantize, calibration, int8_io)
+    model.export(
+        str(out),
+        format="litert",
+        input_signature=input_signature(model),
+        verbose=False,
+        **kwargs,
+    )
+
+
+def convert_onnx(model, out, quantize=None, calibration=None, int8_io=False):
+    """Writes a float32 `.onnx` file with `model.export(format="onnx")`.
+
+    ONNX is quantised afterwards, on this file, by `quantize_onnx`.
+    """
+    if keras.backend.backend() == "tensorflow":
+        require("tf2onnx", "ONNX export under TensorFlow")
+    model.export(
+        str(out), format="onnx", input_signature=input_signature(model), verbose=False
+    )
+
+
 def convert(model, fmt, quantize, out, calibration=None, int8_io=False):
-    """Writes one file with Keras' `model.export` (current backend)."""
-    signature = input_signature(model)
-    if fmt == "tflite":
-        require("tensorflow", "TFLite export")
-        kwargs = _tflite_converter_kwargs(quantize, calibration, int8_io)
-        model.export(
-            str(out),
-            format="litert",
-            input_signature=signature,
-            verbose=False,
-            **kwargs,
-        )
-    else:
-        if keras.backend.backend() == "tensorflow":
-            require("tf2onnx", "ONNX export under TensorFlow")
-        model.export(str(out), format="onnx", input_signature=signature, verbose=False)
+    """Writes one file of the format `fmt` (a name) in this process."""
+    from keras_gramkd.export.formats import get_format
+
+    get_format(fmt).convert(model, out, quantize, calibration, int8_io)
 
 
 def quantize_onnx(src, dst, quantize, calibration):

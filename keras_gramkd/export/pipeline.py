@@ -7,17 +7,11 @@ import keras
 import numpy as np
 
 from keras_gramkd.export.child import child_objects, run_child
-from keras_gramkd.export.convert import (
-    CHILD,
-    IN_PROCESS,
-    convert,
-    in_process_supported,
-    quantize_onnx,
-)
+from keras_gramkd.export.convert import CHILD, IN_PROCESS
 from keras_gramkd.export.errors import ExportVerificationError, require
+from keras_gramkd.export.formats import QUANTIZATIONS, format_names, get_format
 from keras_gramkd.export.inputs import (
     as_input_dict,
-    check_tflite_names,
     float32_model,
     input_specs,
     load_student,
@@ -25,26 +19,19 @@ from keras_gramkd.export.inputs import (
 from keras_gramkd.export.report import ExportReport
 from keras_gramkd.export.verify import verify_artifact
 
-FORMATS = ("tflite", "onnx")
-QUANTIZATIONS = (None, "float16", "dynamic", "int8")
-_FORMAT_ALIASES = {"tflite": "tflite", "litert": "tflite", "onnx": "onnx"}
-_SUFFIX = {"tflite": ".tflite", "onnx": ".onnx"}
+FORMATS = format_names()
+"""The built-in formats' names; `formats.format_names()` lists all registered."""
 
 
 def _normalise_options(formats, quantize):
-    """(formats, quantisations) as lists of canonical names, duplicates dropped."""
+    """(formats, quantisations): `ExportFormat`s and names, duplicates dropped."""
     if isinstance(formats, str):
         formats = (formats,)
     out_formats = []
     for fmt in formats:
-        key = _FORMAT_ALIASES.get(str(fmt).lower())
-        if key is None:
-            raise ValueError(
-                f"Unknown export format {fmt!r}; choose from {list(FORMATS)} "
-                "('litert' is accepted for 'tflite')."
-            )
-        if key not in out_formats:
-            out_formats.append(key)
+        record = get_format(fmt)
+        if record not in out_formats:
+            out_formats.append(record)
     if quantize is None or isinstance(quantize, str):
         quantize = (quantize,)
     quants = []
@@ -57,22 +44,29 @@ def _normalise_options(formats, quantize):
             )
         if q not in quants:
             quants.append(q)
+    for fmt in out_formats:
+        refused = [q for q in quants if q not in fmt.quantizations]
+        if refused:
+            raise ValueError(
+                f"The {fmt.name!r} format cannot be quantised as {refused}; it "
+                f"allows {list(fmt.quantizations)}."
+            )
     return out_formats, quants
 
 
 def _check_options(model, fmts, quants, representative_data):
     """Fails before any conversion: bad names, int8 without data, no runtime."""
-    if "tflite" in fmts:
-        check_tflite_names(model)
+    for fmt in fmts:
+        if fmt.check_model is not None:
+            fmt.check_model(model)
     if "int8" in quants and representative_data is None:
         raise ValueError(
             "quantize='int8' needs representative_data: a few hundred real input "
             "rows (dict keyed by input name) to calibrate the int8 ranges."
         )
-    if "tflite" in fmts:
-        require("ai_edge_litert", "TFLite verification")
-    if "onnx" in fmts:
-        require("onnxruntime", "ONNX export and verification")
+    for fmt in fmts:
+        for module, what in fmt.requires:
+            require(module, what)
 
 
 def _sample_inputs(model, sample_data, calibration):
@@ -97,22 +91,23 @@ def _sample_inputs(model, sample_data, calibration):
 
 
 def _file(export_dir, stem, fmt, quantize):
-    return export_dir / f"{stem}_{quantize or 'float32'}{_SUFFIX[fmt]}"
+    return export_dir / f"{stem}_{quantize or 'float32'}{fmt.suffix}"
 
 
 def _plan(fmts, quants, export_dir, stem):
     """(files to verify as (fmt, quantize, file, path), in-process jobs, child jobs).
 
-    ONNX quantisation runs here, on the float32 ONNX file, with onnxruntime's
-    tools, so only float32 ONNX is a conversion job.
+    A format with a `quantize_file` (ONNX: onnxruntime's tools) is quantised
+    after conversion, on its float32 file, so only that file is a conversion
+    job; the others are quantised by their converter.
     """
     plan, in_process, child_jobs = [], [], []
     for fmt in fmts:
-        here = in_process_supported(fmt)
+        here = fmt.converts_in_process()
         path = IN_PROCESS if here else CHILD
-        for q in quants if fmt == "tflite" else [None]:
+        for q in fmt.conversion_quantizations(quants):
             job = {
-                "fmt": fmt,
+                "fmt": fmt.name,
                 "quantize": q,
                 "out": str(_file(export_dir, stem, fmt, q)),
             }
@@ -126,25 +121,37 @@ def _write_files(model, fmts, quants, export_dir, stem, calibration, int8_io):
     plan, in_process, child_jobs = _plan(fmts, quants, export_dir, stem)
     objects = child_objects(model, child_jobs) if child_jobs else None
     for job in in_process:
-        convert(model, **job, calibration=calibration, int8_io=int8_io)
+        get_format(job["fmt"]).convert(
+            model, job["out"], job["quantize"], calibration, int8_io
+        )
     if child_jobs:
         with tempfile.TemporaryDirectory() as workdir:
             run_child(model, child_jobs, calibration, int8_io, workdir, objects)
-    onnx_float = _file(export_dir, stem, "onnx", None)
     for fmt, q, out, _ in plan:
-        if fmt == "onnx" and q is not None:
-            quantize_onnx(onnx_float, out, q, calibration)
-    if "onnx" in fmts and None not in quants:
-        onnx_float.unlink()
-        plan = [p for p in plan if p[2] != onnx_float]
+        if fmt.quantize_file is not None and q is not None:
+            fmt.quantize_file(_file(export_dir, stem, fmt, None), out, q, calibration)
+    if None not in quants:
+        for fmt in fmts:
+            if fmt.quantize_file is not None:
+                float_file = _file(export_dir, stem, fmt, None)
+                float_file.unlink()
+                plan = [p for p in plan if p[2] != float_file]
     return plan
 
 
 def _verify_files(plan, model, samples, latency_runs, export_dir):
     """Runs every planned file in its runtime; returns the `ExportReport`."""
     rows = [
-        verify_artifact(out, model, samples, q, latency_runs=latency_runs, path=path)
-        for _, q, out, path in plan
+        verify_artifact(
+            out,
+            model,
+            samples,
+            q,
+            latency_runs=latency_runs,
+            path=path,
+            export_format=fmt,
+        )
+        for fmt, q, out, path in plan
     ]
     return ExportReport(
         rows=rows,
@@ -173,7 +180,9 @@ def export_student(
     Uses Keras' `model.export` in this process where the backend supports the
     format; otherwise saves the student and converts it in a child process with
     `KERAS_BACKEND=tensorflow`. Each file is then run in `ai_edge_litert` or
-    `onnxruntime` on `sample_data` and compared with the Keras model.
+    `onnxruntime` on `sample_data` and compared with the Keras model. Each
+    format is an `ExportFormat` record (`keras_gramkd.export.formats`), and a
+    registered format is written and verified the same way.
     Mixed-precision students are exported (and compared) as float32.
 
     Quantisation: `"float16"` stores float16 weights; `"dynamic"` int8 weights
@@ -184,7 +193,8 @@ def export_student(
         student: A `keras.Model` or a path to a `.keras` file.
         export_dir: Directory for the files (created if needed). Files are named
             `{name}_{float32|float16|dynamic|int8}.{tflite|onnx}`.
-        formats: `"tflite"` (alias `"litert"`) and/or `"onnx"`.
+        formats: `"tflite"` (alias `"litert"`) and/or `"onnx"`, or any format
+            added with `register_format`.
         quantize: `None`, `"float16"`, `"dynamic"`, `"int8"`, or a list of these
             to export several variants in one call.
         representative_data: Calibration inputs (dict of arrays keyed by input
@@ -205,8 +215,9 @@ def export_student(
         An `ExportReport`; `print(report)` shows the table.
 
     Raises:
-        ValueError: Unknown format or quantisation, `"int8"` without
-            representative data, or a `student` path that is not a Keras model.
+        ValueError: Unknown format or quantisation (or one the format does not
+            allow), `"int8"` without representative data, or a `student` path
+            that is not a Keras model.
         ImportError: A runtime or converter is missing (names the extra).
         FlexOpsError: A `.tflite` file needs TensorFlow Select (Flex) ops.
         ExportVerificationError: A file missed its tolerance (with `check=True`).

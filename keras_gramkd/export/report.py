@@ -9,7 +9,8 @@ class ExportRow:
     """One exported file and what verifying it in its runtime found.
 
     Attributes:
-        format: `"tflite"` or `"onnx"`.
+        format: The format's name: `"tflite"`, `"onnx"` or another registered
+            one (`keras_gramkd.export.formats`).
         quantize: `None` (float32), `"float16"`, `"dynamic"` or `"int8"`.
         file: Path of the exported file.
         bytes: Size of the file.

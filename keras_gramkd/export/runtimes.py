@@ -1,6 +1,7 @@
 """The runtimes the files ship with: LiteRT for `.tflite`, onnxruntime for `.onnx`.
 
-Each runner feeds inputs by name and returns the outputs as float32 arrays
+The formats' records (`keras_gramkd.export.formats`) name these runners. Each
+runner feeds inputs by name and returns the outputs as float32 arrays
 (int8 inputs and outputs quantised and dequantised with the file's scale and
 zero point). `ai_edge_litert` and `onnxruntime` are imported when a runner is
 made.

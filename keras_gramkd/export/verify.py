@@ -14,6 +14,7 @@ import numpy as np
 
 from keras_gramkd.export.convert import IN_PROCESS
 from keras_gramkd.export.errors import ExportError
+from keras_gramkd.export.formats import format_for_file, get_format
 from keras_gramkd.export.inputs import (
     as_input_dict,
     float32_model,
@@ -21,7 +22,6 @@ from keras_gramkd.export.inputs import (
     load_student,
 )
 from keras_gramkd.export.report import ExportRow
-from keras_gramkd.export.runtimes import ONNXRunner, TFLiteRunner
 
 # Tolerances checked against the Keras model on `sample_data`.
 FLOAT32_ATOL = 1e-4
@@ -124,12 +124,20 @@ def _differences(artifact, first, got, expected):
 
 
 def verify_artifact(
-    artifact, model, sample_data, quantize=None, latency_runs=20, path=IN_PROCESS
+    artifact,
+    model,
+    sample_data,
+    quantize=None,
+    latency_runs=20,
+    path=IN_PROCESS,
+    *,
+    export_format=None,
 ):
     """Runs an exported file in its runtime and compares it with the Keras model.
 
-    `.tflite` files run in `ai_edge_litert.interpreter.Interpreter`, `.onnx` files
-    in `onnxruntime.InferenceSession`; inputs are fed by name. The file is run on
+    The file runs in its format's runner (`ExportFormat.runner`): `.tflite`
+    files in `ai_edge_litert.interpreter.Interpreter`, `.onnx` files in
+    `onnxruntime.InferenceSession`; inputs are fed by name. The file is run on
     one sample (batch 1) and, if its batch dimension is dynamic, on all samples at
     once; otherwise sample by sample.
 
@@ -144,6 +152,8 @@ def verify_artifact(
             Keras output's std.
         latency_runs: Timed runs; the median is reported.
         path: Text for the report's "path" column.
+        export_format: The format's name (or `ExportFormat`); by default the
+            registered format whose suffix ends the file name.
 
     Returns:
         An `ExportRow`.
@@ -160,12 +170,15 @@ def verify_artifact(
     """
     model = float32_model(load_student(model))
     artifact = Path(artifact)
-    fmt = {".tflite": "tflite", ".onnx": "onnx"}.get(artifact.suffix)
-    if fmt is None:
-        raise ValueError(f"{artifact}: expected a .tflite or .onnx file.")
+    if export_format is None:
+        fmt = format_for_file(artifact)
+    elif isinstance(export_format, str):
+        fmt = get_format(export_format)
+    else:
+        fmt = export_format
     data = as_input_dict(model, sample_data, "sample_data")
     n = len(next(iter(data.values())))
-    runner = TFLiteRunner(artifact) if fmt == "tflite" else ONNXRunner(artifact)
+    runner = fmt.runner(artifact)
 
     keras_x = keras_inputs(model, data)
     outputs = keras.tree.flatten(model.predict_on_batch(keras_x))
@@ -177,9 +190,8 @@ def verify_artifact(
     got, run_all, batch_sizes = _run_file(runner, data, n)
     diff, rms_ratio, top1, ties = _differences(artifact, first, got, expected)
     seconds = _median_seconds(run_all, latency_runs)
-    runtime = "ai_edge_litert" if fmt == "tflite" else "onnxruntime"
     return ExportRow(
-        format=fmt,
+        format=fmt.name,
         quantize=quantize,
         file=str(artifact),
         bytes=artifact.stat().st_size,
@@ -193,6 +205,6 @@ def verify_artifact(
         inputs=runner.input_dtypes(),
         criterion=_criterion(quantize, expected),
         passed=_passed(quantize, diff, top1, rms_ratio),
-        note=f"{runtime}, {n} samples"
+        note=f"{fmt.runtime}, {n} samples"
         + (f", {ties} agree by a tie at the file's resolution" if ties else ""),
     )

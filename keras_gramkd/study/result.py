@@ -245,9 +245,10 @@ class StudyResult:
         """The `table` as Markdown."""
         return markdown_table(*self.table())
 
-    def plot(self, path=None):
+    def plot(self, path=None, **kwargs):
         """Paired Δ accuracy vs the reference: mean ± se per method, and each
-        seed's difference as a dot. Returns the matplotlib figure."""
+        seed's difference as a dot (`kwargs`: `plot_paired_differences`'s
+        `title`, `setting`). Returns the matplotlib figure."""
         from keras_gramkd.plots import plot_paired_differences
 
         others = [m for m in self.methods if m != self.reference]
@@ -255,4 +256,5 @@ class StudyResult:
             {m: self.paired(m)["diffs"] for m in others},
             reference=self.reference,
             path=path,
+            **kwargs,
         )

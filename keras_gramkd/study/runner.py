@@ -65,6 +65,45 @@ def _check_split(name, split):
     return x, np.asarray(y)
 
 
+def _check_validation(validation):
+    """`validation` as `(x, y)` with one row per label in every input, or None."""
+    if validation is None:
+        return None
+    x, y = _check_split("validation", validation)
+    labels = len(y) if y.ndim else None
+    rows = {k: (np.shape(v)[0] if np.ndim(v) else None) for k, v in x.items()}
+    if not x or labels is None or any(n != labels for n in rows.values()):
+        raise ValueError(
+            "validation's x and y must have the same number of rows: y has "
+            f"{labels} labels, x has rows {rows}."
+        )
+    return x, y
+
+
+class _LabelledAccuracy(keras.metrics.SparseCategoricalAccuracy):
+    """Accuracy over the labelled rows: labels equal to `ignore_class` (the
+    task loss's unlabelled marker) are left out."""
+
+    def __init__(self, ignore_class=None, name="accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.ignore_class = ignore_class
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        if self.ignore_class is not None:
+            labels = keras.ops.reshape(y_true, (-1,))
+            keep = keras.ops.cast(
+                keras.ops.not_equal(labels, self.ignore_class), "float32"
+            )
+            if sample_weight is not None:
+                weight = keras.ops.reshape(sample_weight, (-1,))
+                keep = keep * keras.ops.cast(weight, "float32")
+            sample_weight = keep
+        return super().update_state(y_true, y_pred, sample_weight)
+
+    def get_config(self):
+        return {**super().get_config(), "ignore_class": self.ignore_class}
+
+
 def _trainer(teacher, student, method, distiller_kwargs):
     """The model that trains `student` by `method` (terms or a callable)."""
     if callable(method):
@@ -126,6 +165,7 @@ def compare_methods(
     on_run_end=None,
     keep_students=False,
     jit_compile="auto",
+    validation=None,
 ):
     """Trains every method on every seed, paired, and returns a `StudyResult`.
 
@@ -177,6 +217,12 @@ def compare_methods(
             a dict `(method, seed) -> keras.Model`.
         jit_compile: passed to `compile` (on CPU, small models often train
             faster with False on TensorFlow).
+        validation: optional `(x, y)` evaluated after every epoch (fit's
+            `validation_data`), for per-epoch curves: each history gets
+            `val_*` entries, and each trainer is compiled with an `accuracy`
+            metric (labelled rows only: the task loss's `ignore_class` is
+            left out). The split is only observed: no model selection uses
+            it, and the last epoch's weights are kept and scored.
 
     Returns:
         A `StudyResult`.
@@ -206,6 +252,7 @@ def compare_methods(
     x_teacher, y_teacher = _check_split(
         "teacher_test", teacher_test or (x_test, y_test)
     )
+    validation = _check_validation(validation)
     optimizer = optimizer or (lambda: keras.optimizers.Adam(1e-3))
     loss = loss or (
         lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -229,7 +276,14 @@ def compare_methods(
             student = build_student()
             student.set_weights(initial)
             trainer = _trainer(teacher, student, method, distiller_kwargs)
-            trainer.compile(optimizer(), loss(), jit_compile=jit_compile)
+            task_loss = loss()
+            metrics = None
+            if validation is not None:
+                ignore = getattr(task_loss, "ignore_class", None)
+                metrics = [_LabelledAccuracy(ignore)]
+            trainer.compile(
+                optimizer(), task_loss, metrics=metrics, jit_compile=jit_compile
+            )
             batches = SeededBatches(x, y, batch_size, steps_per_epoch, seed=seed)
             start = time.perf_counter()
             history = trainer.fit(
@@ -238,6 +292,8 @@ def compare_methods(
                 shuffle=False,
                 verbose=0,
                 callbacks=callbacks(name, seed) if callbacks else None,
+                validation_data=validation,
+                validation_batch_size=batch_size if validation else None,
             ).history
             seconds = time.perf_counter() - start
             report, gap = score(student)

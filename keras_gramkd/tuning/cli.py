@@ -1,15 +1,17 @@
 """`gramkd tune`: search the Distiller's loss weights on the embedded digits.
 
-Trains (or reuses) a teacher, searches with KerasTuner, and prints the trials and
-the best configurations (with and without the Gram term) next to the demo's
-defaults, trained the same way. The run's summary goes to `summary.json` in the
-tuner's directory.
+Trains (or reuses) a teacher, searches with KerasTuner (a line per trial: its
+number, settings, score and time), and prints the trials and the best
+configurations (with and without the Gram term) next to the demo's defaults,
+trained the same way. The run's summary goes to `summary.json` in the tuner's
+directory, whose absolute path is the last line printed.
 """
 
 import datetime
 import json
 import os
 import sys
+import time
 
 import keras
 import numpy as np
@@ -137,12 +139,84 @@ def _check_args(args):
     return views
 
 
+class TrialProgress:
+    """A line per trial: its number, settings, score, and the time taken.
+
+    The hypermodel's `fit` (KerasTuner's public hook for a trial's training)
+    hands `report` the trial's settings and its training.
+
+    Args:
+        console: where the lines go.
+        total: the number of trials, or None (Hyperband decides it).
+        done: trials completed before this search (a resumed search).
+        objective: the tuner's objective (a name or a `keras_tuner.Objective`).
+    """
+
+    def __init__(self, console, total, done, objective):
+        self.console, self.total, self.trial = console, total, done
+        self.name = objective_name(objective)
+        self.direction = getattr(objective, "direction", None) or (
+            "min" if self.name.endswith("loss") else "max"
+        )
+        self.start = time.perf_counter()
+
+    def line(self, config, history, seconds):
+        """The text for one finished trial (`history`: a `keras.callbacks.History`)."""
+        values = history.history.get(self.name)
+        of = f"/{self.total}" if self.total else ""
+        text = f"Trial {self.trial}{of}: {', '.join(_config_words(config))}"
+        if values:
+            pick = min if self.direction == "min" else max
+            best = pick(range(len(values)), key=lambda i: values[i])
+            epoch = history.epoch[best] + 1
+            text += f": {self.name} {values[best]:.4f} (epoch {epoch})"
+        return (
+            f"{text} in {seconds:.0f} s; "
+            f"{time.perf_counter() - self.start:.0f} s in all"
+        )
+
+    def report(self, config, train):
+        """Runs `train()` (a trial's fit) and prints its line; returns its result."""
+        self.trial += 1
+        start = time.perf_counter()
+        try:
+            history = train()
+        except Exception as error:
+            self.console.print(
+                f"Trial {self.trial}: failed after {time.perf_counter() - start:.0f}"
+                f" s ({type(error).__name__}: {error})",
+                markup=False,
+                highlight=False,
+            )
+            raise
+        text = self.line(config, history, time.perf_counter() - start)
+        self.console.print(text, markup=False, highlight=False)
+        return history
+
+
+def _config_words(config):
+    cells = _config_cells(config)
+    return [f"{k} {v}" for k, v in zip(("kd", "gram", "T", "lr"), cells, strict=True)]
+
+
 def _hypermodel(teacher, views, dims, setting, search_space=None):
-    """A `DistillerHyperModel` over the reference student for `views`."""
+    """A `DistillerHyperModel` over the reference student for `views`; once its
+    ``progress`` is a `TrialProgress`, each trial's fit prints its line."""
     from keras_gramkd.tuning.hypermodel import DistillerHyperModel
 
+    class ReportingHyperModel(DistillerHyperModel):
+        progress = None
+
+        def fit(self, hp, model, *args, **kwargs):
+            train = super().fit
+            if self.progress is None:
+                return train(hp, model, *args, **kwargs)
+            return self.progress.report(
+                self.distiller_config(hp), lambda: train(hp, model, *args, **kwargs)
+            )
+
     noise = NOISE_STD if setting == "noisy" else 0.0
-    return DistillerHyperModel(
+    return ReportingHyperModel(
         teacher,
         lambda hp: zoo.build_student(dims, noise_std=noise),
         teacher_modalities=zoo.view_addresses("t", views),
@@ -267,11 +341,17 @@ def run_tune(args):
         batch_size=zoo.BATCH_SIZE,
         verbose=0,
     )
+    total = None if args.tuner == "hyperband" else args.trials
+    progress = TrialProgress(
+        console, total, len(completed_trials(tuner)), hypermodel.objective
+    )
+    hypermodel.progress = progress
     with console.status(f"Searching ({args.tuner}) in {directory} ..."):
         tuner.search(*data["train"], **fit_kwargs)
     trials = completed_trials(tuner)
     if not trials:
         console.print("No trial completed.")
+        _print_wrote(console, directory)
         return 1
     objective = objective_name(hypermodel.objective)
     console.print(_trials_table(console, trials, hypermodel, objective, args.epochs))
@@ -292,4 +372,10 @@ def run_tune(args):
     }
     with open(os.path.join(directory, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    _print_wrote(console, directory)
     return 0
+
+
+def _print_wrote(console, directory):
+    path = os.path.join(os.path.abspath(directory), "")
+    console.print(f"Wrote {path}", markup=False, highlight=False, soft_wrap=True)

@@ -1,5 +1,5 @@
-"""Issue 14, "Reliability, round two": the label check, non-finite weights and
-overflows, one reduction convention, keys nobody reads, modality_mask values.
+"""Bad samples: the label check, non-finite weights and overflows, one reduction
+convention, keys nobody reads, modality_mask values (docs/guide/bad-input.md).
 
 Each test runs on every backend (the suite runs once per KERAS_BACKEND).
 """
@@ -232,7 +232,7 @@ def test_overflow_inside_the_teacher_is_skipped_and_counted():
 
 def test_overflow_inside_the_student_is_counted_and_stops_fit():
     # Counted and reported, but the step's gradient is NaN already (inf·0 in
-    # the backward pass of the student's own layers; docs/bad_inputs.md).
+    # the backward pass of the student's own layers; docs/guide/bad-input.md).
     # keras.optimizers.LossScaleOptimizer skips such steps: the documented fix.
     x, y = make_data(n=16)
     bad = overflowing(x)
