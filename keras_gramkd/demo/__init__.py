@@ -2,10 +2,11 @@
 
 On the embedded UCI multiple-features digits (six views of the same 2,000
 handwritten digits, a fixed stratified 1000/1000 split), the demo trains the
-reference teacher of `keras_gramkd.zoo` once, then runs every method of
-`keras_gramkd.demo.methods` (labels only, logit KD, Keras' own KD, the
-modality Gram and its controls, SP, RKD, PKT, FitNet, per-modality SP) on the
-same student architecture through `keras_gramkd.study.compare_methods`:
+reference teacher of `keras_gramkd.zoo` once, then runs the methods of
+`keras_gramkd.demo.methods` (by default labels only, logit KD, the modality
+Gram, its batch-mean control and SP; with ``--full`` also Keras' own KD, the
+other Gram controls, RKD, PKT, FitNet and per-modality SP) on the same student
+architecture through `keras_gramkd.study.compare_methods`:
 per seed, every method starts from the same initial weights and sees the
 same batches in the same order with the same optimizer, so each method's
 difference to KD is paired, and reported as mean ± standard error.
