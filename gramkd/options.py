@@ -92,6 +92,16 @@ def positive_float(text):
     return value
 
 
+def _count_option(parser, flag, default, what):
+    """A whole-number option of at least 1, its default stated in its help."""
+    parser.add_argument(
+        flag,
+        type=at_least(1),
+        default=default,
+        help=f"{what}, at least 1 (default: {default})",
+    )
+
+
 def _views(parser):
     parser.add_argument(
         "--views",
@@ -170,18 +180,8 @@ def add_demo_arguments(parser):
 
 def add_tune_arguments(parser):
     """Adds the `gramkd tune` options to an `argparse.ArgumentParser`."""
-    parser.add_argument(
-        "--trials",
-        type=at_least(1),
-        default=8,
-        help="trials of random and bayesian search, at least 1 (default: 8)",
-    )
-    parser.add_argument(
-        "--epochs",
-        type=at_least(1),
-        default=10,
-        help="epochs per trial, at least 1; hyperband: the most (default: 10)",
-    )
+    _count_option(parser, "--trials", 8, "trials of random and bayesian search")
+    _count_option(parser, "--epochs", 10, "epochs per trial (hyperband: the most)")
     parser.add_argument(
         "--tuner",
         choices=TUNERS,
@@ -204,12 +204,7 @@ def add_tune_arguments(parser):
         default="noisy",
         help="what the student sees, as in `gramkd demo` (default: noisy)",
     )
-    parser.add_argument(
-        "--teacher-epochs",
-        type=at_least(1),
-        default=20,
-        help="teacher epochs, at least 1 (default: 20)",
-    )
+    _count_option(parser, "--teacher-epochs", 20, "teacher epochs")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the split and search (default: 0)"
     )
@@ -249,18 +244,8 @@ def add_export_arguments(parser):
     parser.add_argument(
         "--int8-io", action="store_true", help="int8 TFLite inputs and outputs"
     )
-    parser.add_argument(
-        "--num-calibration-samples",
-        type=at_least(1),
-        default=200,
-        help="rows to calibrate on, at least 1 (default: 200)",
-    )
-    parser.add_argument(
-        "--runs",
-        type=at_least(1),
-        default=20,
-        help="timed runs per file, at least 1 (default: 20)",
-    )
+    _count_option(parser, "--num-calibration-samples", 200, "rows to calibrate on")
+    _count_option(parser, "--runs", 20, "timed runs per file")
     parser.add_argument(
         "--no-check", action="store_true", help="report tolerance misses, don't fail"
     )

@@ -278,19 +278,7 @@ def test_missing_setting_trains_with_modality_dropout():
 
 def test_methods_add_each_term_to_kd_at_the_reference_weights():
     methods, skipped = demo_methods(CFG, VIEWS, fusion="concat")
-    assert list(methods) == [
-        "labels",
-        "kd",
-        "keras_kd",
-        "gram",
-        "gram_batch_mean",
-        "gram_off_diagonal",
-        "sp",
-        "rkd",
-        "pkt",
-        "fitnet",
-        "modality_sp",
-    ]
+    assert list(methods) == ALL_CONCAT
     assert set(skipped) == {"gram_diagonal"}
     assert methods["labels"] == [] and callable(methods["keras_kd"])
     for name, cls in (
