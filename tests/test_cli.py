@@ -98,8 +98,8 @@ def test_argument_errors_come_before_a_missing_extra():
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--backend", "torch", "demo", "--seeds", "4"],
-        ["demo", "--seeds", "4", "--backend", "torch"],
+        ["--backend", "tensorflow", "demo", "--seeds", "4"],
+        ["demo", "--seeds", "4", "--backend", "tensorflow"],
     ],
 )
 def test_backend_flag_sets_keras_backend_before_keras_loads(argv):
@@ -114,7 +114,7 @@ def test_backend_flag_sets_keras_backend_before_keras_loads(argv):
     )
     done = _python(code, KERAS_BACKEND="jax")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-2:] == ["torch", "4"]
+    assert done.stdout.split()[-2:] == ["tensorflow", "4"]
 
 
 def test_missing_backend_package_is_a_clear_command_error():

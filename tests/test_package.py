@@ -70,6 +70,13 @@ def test_every_public_name_imports_first_in_a_fresh_interpreter(module):
         "import sys, keras\n"
         "print(keras.backend.backend(), 'keras_gramkd.distiller' in sys.modules)\n"
     )
+    no_tuner = importlib.util.find_spec("keras_tuner") is None
+    if module == "keras_gramkd.tuning" and no_tuner:
+        # Without the tune extra, the first use names the extra to install.
+        with pytest.raises(subprocess.CalledProcessError) as failed:
+            run_python(code)
+        assert 'pip install "keras-gramkd[tune]"' in failed.value.stderr
+        return
     out = run_python(code).strip().splitlines()[-1]
     # The backend is KERAS_BACKEND's, and the saveable classes are registered.
     assert out == f"{keras.backend.backend()} True"

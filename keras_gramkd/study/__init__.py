@@ -34,12 +34,13 @@ result.plot("paired.png")
 from keras_gramkd.study.batches import SeededBatches
 from keras_gramkd.study.grams import modality_grams
 from keras_gramkd.study.result import MethodResult, StudyResult
-from keras_gramkd.study.runner import compare_methods
+from keras_gramkd.study.runner import StudyError, compare_methods
 from keras_gramkd.study.stats import mean_sd, paired_difference
 
 __all__ = [
     "MethodResult",
     "SeededBatches",
+    "StudyError",
     "StudyResult",
     "compare_methods",
     "mean_sd",

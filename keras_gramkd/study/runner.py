@@ -1,5 +1,6 @@
 """`compare_methods`: train each method on each seed, paired, and measure it."""
 
+import random
 import time
 
 import keras
@@ -7,37 +8,17 @@ import numpy as np
 
 from keras_gramkd.distiller import Distiller
 from keras_gramkd.robustness import evaluate_robustness
+from keras_gramkd.study.arguments import (
+    check_count,
+    check_methods,
+    check_optimizer_and_loss,
+    check_seeds,
+    check_split,
+    check_teacher_test,
+)
 from keras_gramkd.study.batches import SeededBatches
 from keras_gramkd.study.grams import modality_grams
 from keras_gramkd.study.result import MethodResult, StudyResult
-from keras_gramkd.terms import DistillationTerm
-
-
-def _check_methods(methods, reference):
-    if not isinstance(methods, dict) or not methods:
-        raise ValueError(
-            "methods must be a non-empty dict name -> list of DistillationTerms "
-            '(e.g. {"kd": [KDTerm()], "kd+gram": [KDTerm(), GramTerm(...)]}); '
-            f"got {methods!r}."
-        )
-    for name, terms in methods.items():
-        if callable(terms):
-            continue
-        if not isinstance(terms, (list, tuple)) or not all(
-            isinstance(t, DistillationTerm) for t in terms
-        ):
-            raise ValueError(
-                f"methods[{name!r}] must be a list of DistillationTerms ([] for "
-                "labels only) or a callable (teacher, student) -> keras.Model; "
-                f"got {terms!r}."
-            )
-    if reference is None:
-        return next(iter(methods))
-    if reference not in methods:
-        raise ValueError(
-            f"reference {reference!r} is not one of the methods {list(methods)}."
-        )
-    return reference
 
 
 def _fresh_terms(terms):
@@ -45,39 +26,52 @@ def _fresh_terms(terms):
     return [type(term).from_config(term.get_config()) for term in terms]
 
 
-def _seeds(seeds):
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise ValueError(f"seeds must be >= 1; got {seeds}.")
-        return list(range(seeds))
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and non-empty; got {seeds}.")
-    return seeds
+class StudyError(RuntimeError):
+    """A run of `compare_methods` failed; the runs finished before it are kept.
+
+    Attributes:
+        method, seed: the run that failed (its error is `__cause__`).
+        partial: a `StudyResult` of the seeds every method finished before the
+            failure (paired as in a full result), or None if none did.
+    """
+
+    def __init__(self, message, method, seed, partial):
+        super().__init__(message)
+        self.method, self.seed, self.partial = method, seed, partial
 
 
-def _check_split(name, split):
-    if not (isinstance(split, (tuple, list)) and len(split) == 2):
-        raise ValueError(f"{name} must be a pair (x, y); got {type(split).__name__}.")
-    x, y = split
-    if not isinstance(x, dict):
-        raise ValueError(f"{name}'s x must be a dict input name -> array.")
-    return x, np.asarray(y)
+def _layers_outer_first(layer):
+    """`layer` and the layers of every nested model in it, parents first."""
+    yield layer
+    for sublayer in getattr(layer, "layers", ()):
+        yield from _layers_outer_first(sublayer)
 
 
-def _check_validation(validation):
-    """`validation` as `(x, y)` with one row per label in every input, or None."""
-    if validation is None:
-        return None
-    x, y = _check_split("validation", validation)
-    labels = len(y) if y.ndim else None
-    rows = {k: (np.shape(v)[0] if np.ndim(v) else None) for k, v in x.items()}
-    if not x or labels is None or any(n != labels for n in rows.values()):
-        raise ValueError(
-            "validation's x and y must have the same number of rows: y has "
-            f"{labels} labels, x has rows {rows}."
-        )
-    return x, y
+class _GlobalState:
+    """Saves Python's and NumPy's global random state and the teacher's
+    trainable flags (of the teacher, every nested model's layers, and every
+    weight); `restore` puts them back.
+
+    Only public attributes are used: setting a layer's `trainable` also sets
+    its sublayers', so layers are restored parents first; a sublayer of a
+    custom (non-model) layer is reached only through its parent's flag and
+    its weights' flags.
+    """
+
+    def __init__(self, teacher):
+        self.random, self.numpy = random.getstate(), np.random.get_state()
+        self.layers = [
+            (layer, layer.trainable) for layer in _layers_outer_first(teacher)
+        ]
+        self.weights = [(weight, weight.trainable) for weight in teacher.weights]
+
+    def restore(self):
+        random.setstate(self.random)
+        np.random.set_state(self.numpy)
+        for layer, trainable in self.layers:
+            layer.trainable = trainable
+        for weight, trainable in self.weights:
+            weight.trainable = trainable
 
 
 class _LabelledAccuracy(keras.metrics.SparseCategoricalAccuracy):
@@ -174,6 +168,11 @@ def compare_methods(
     every method's fresh student; all methods then train with the same
     optimizer settings and the same batches in the same order
     (`SeededBatches`), so the per-seed differences between methods are paired.
+    Python's and NumPy's global random state and the teacher's `trainable`
+    flags are restored when it returns or fails (the backend's seed is left
+    set by the last run).
+
+    Every argument is checked before anything trains.
 
     Args:
         teacher: the trained teacher (`keras.Model`, logits).
@@ -181,18 +180,21 @@ def compare_methods(
             layers have the same names on every call (feature addresses name
             them).
         train: `(x, y)`, x a dict of arrays, y integer labels (unlabelled rows
-            carry the `ignore_class` of your `loss`).
+            carry the `ignore_class` of your `loss`); every array of x has one
+            row per label (as in `test`, `teacher_test` and `validation`).
         test: `(x, y)` for the students' scores.
-        methods: dict name -> list of `DistillationTerm`s (`[]`: labels only;
+        methods: non-empty dict name (a string) -> list of `DistillationTerm`s
+            (`[]`: labels only; a single term must be wrapped in a list;
             the terms are copied from their config for each run), or name ->
             callable `(teacher, student) -> keras.Model` for another trainer
             (e.g. a `keras.distillation.Distiller`), compiled and fit the same
             way.
-        seeds: a number of seeds (0..n-1) or a list of seeds.
-        reference: the method the others are paired against (default: the
-            first).
-        epochs, batch_size: training length; an epoch is one pass over
-            `train`, or `steps_per_epoch` batches if given.
+        seeds: a number of seeds (an int >= 1: seeds 0..n-1) or a non-empty
+            list of distinct ints in [0, 2**32).
+        reference: the name of the method the others are paired against
+            (default: the first).
+        epochs, batch_size: training length (ints >= 1); an epoch is one pass
+            over `train`, or `steps_per_epoch` (an int >= 1) batches if given.
         optimizer: callable `() -> keras.optimizers.Optimizer` (default Adam
             1e-3).
         loss: callable `() -> keras.losses.Loss` for the task (default sparse
@@ -206,7 +208,7 @@ def compare_methods(
             matrices on `test`. Without them |ΔG| is not measured.
         gram_normalize: the Gram normalisation of the |ΔG| column.
         teacher_test: `(x, y)` the teacher is scored on, row for row the same
-            samples as `test` (default `test`); e.g. clean inputs where the
+            samples as `test` (default `test`), e.g. clean inputs where the
             students are scored on noisy ones.
         distiller_kwargs: more `Distiller` arguments (e.g.
             `student_mask_layer`, `on_bad_sample`).
@@ -227,6 +229,16 @@ def compare_methods(
     Returns:
         A `StudyResult`.
 
+    Raises:
+        TypeError: `teacher` is not a `keras.Model`, or `build_student` is
+            not callable.
+        ValueError: an argument is malformed (the message names it, its value
+            and the fix): rows of an x that differ from its y's, counts that
+            are not ints >= 1, a term not wrapped in a list, an unknown
+            `reference`, a built optimizer or loss instead of a callable.
+        StudyError: a run failed; its `partial` holds the seeds every method
+            finished, and the run's error is chained as its `__cause__`.
+
     Example (see the README for a full one):
 
     ```python
@@ -246,13 +258,19 @@ def compare_methods(
         raise ValueError(
             "Give both teacher_modalities and student_modalities for |ΔG|, or neither."
         )
-    reference = _check_methods(methods, reference)
-    seeds = _seeds(seeds)
-    (x, y), (x_test, y_test) = _check_split("train", train), _check_split("test", test)
-    x_teacher, y_teacher = _check_split(
-        "teacher_test", teacher_test or (x_test, y_test)
+    reference = check_methods(methods, reference)
+    seeds = check_seeds(seeds)
+    epochs = check_count("epochs", epochs)
+    batch_size = check_count("batch_size", batch_size, example=64)
+    if steps_per_epoch is not None:
+        steps_per_epoch = check_count("steps_per_epoch", steps_per_epoch, 100)
+    check_optimizer_and_loss(optimizer, loss)
+    (x, y), (x_test, y_test) = check_split("train", train), check_split("test", test)
+    x_teacher, y_teacher = check_teacher_test(
+        (x_test, y_test) if teacher_test is None else teacher_test, len(y_test)
     )
-    validation = _check_validation(validation)
+    if validation is not None:
+        validation = check_split("validation", validation)
     optimizer = optimizer or (lambda: keras.optimizers.Adam(1e-3))
     loss = loss or (
         lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -266,57 +284,91 @@ def compare_methods(
         (teacher_modalities, student_modalities),
         gram_normalize,
     )
-    runs = {name: MethodResult(name) for name in methods}
-    students = {}
-    for seed in seeds:
+
+    def run(name, method, seed, initial):
+        """Trains and scores one student: (seed, report, gap, seconds, params,
+        history) for `MethodResult.add`, and the student."""
         keras.utils.set_random_seed(seed)
-        initial = build_student().get_weights()
-        for name, method in methods.items():
-            keras.utils.set_random_seed(seed)
-            student = build_student()
-            student.set_weights(initial)
-            trainer = _trainer(teacher, student, method, distiller_kwargs)
-            task_loss = loss()
-            metrics = None
-            if validation is not None:
-                ignore = getattr(task_loss, "ignore_class", None)
-                metrics = [_LabelledAccuracy(ignore)]
-            trainer.compile(
-                optimizer(), task_loss, metrics=metrics, jit_compile=jit_compile
-            )
-            batches = SeededBatches(x, y, batch_size, steps_per_epoch, seed=seed)
-            start = time.perf_counter()
-            history = trainer.fit(
-                batches,
-                epochs=epochs,
-                shuffle=False,
-                verbose=0,
-                callbacks=callbacks(name, seed) if callbacks else None,
-                validation_data=validation,
-                validation_batch_size=batch_size if validation else None,
-            ).history
-            seconds = time.perf_counter() - start
-            report, gap = score(student)
-            runs[name].add(seed, report, gap, seconds, student.count_params(), history)
-            if keep_students:
-                students[(name, seed)] = student
-            if on_run_end is not None:
-                on_run_end(name, seed, report.accuracy)
-    return StudyResult(
-        methods=runs,
-        reference=reference,
-        teacher_accuracy=score.teacher.accuracy,
-        teacher_dropped=dict(score.teacher.dropped),
-        teacher_params=teacher.count_params(),
-        config={
-            "seeds": seeds,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "steps_per_epoch": len(SeededBatches(x, y, batch_size, steps_per_epoch)),
-            "n_train": len(y),
-            "n_test": len(y_test),
-            "gram_normalize": gram_normalize,
-            "backend": keras.backend.backend(),
-        },
-        students=students,
-    )
+        student = build_student()
+        student.set_weights(initial)
+        trainer = _trainer(teacher, student, method, distiller_kwargs)
+        task_loss = loss()
+        metrics = None
+        if validation is not None:
+            metrics = [_LabelledAccuracy(getattr(task_loss, "ignore_class", None))]
+        trainer.compile(
+            optimizer(), task_loss, metrics=metrics, jit_compile=jit_compile
+        )
+        batches = SeededBatches(x, y, batch_size, steps_per_epoch, seed=seed)
+        start = time.perf_counter()
+        history = trainer.fit(
+            batches,
+            epochs=epochs,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks(name, seed) if callbacks else None,
+            validation_data=validation,
+            validation_batch_size=batch_size if validation else None,
+        ).history
+        seconds = time.perf_counter() - start
+        report, gap = score(student)
+        if on_run_end is not None:
+            on_run_end(name, seed, report.accuracy)
+        added = (seed, report, gap, seconds, student.count_params(), history)
+        return added, student
+
+    def result(done):
+        """The `StudyResult` of the seeds in `done`."""
+        return StudyResult(
+            methods=runs,
+            reference=reference,
+            teacher_accuracy=score.teacher.accuracy,
+            teacher_dropped=dict(score.teacher.dropped),
+            teacher_params=teacher.count_params(),
+            config={
+                "seeds": list(done),
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "steps_per_epoch": len(
+                    SeededBatches(x, y, batch_size, steps_per_epoch)
+                ),
+                "n_train": len(y),
+                "n_test": len(y_test),
+                "gram_normalize": gram_normalize,
+                "backend": keras.backend.backend(),
+            },
+            students=students,
+        )
+
+    runs = {name: MethodResult(name) for name in methods}
+    students, done = {}, []
+    saved = _GlobalState(teacher)
+    try:
+        for seed in seeds:
+            name = None
+            try:
+                keras.utils.set_random_seed(seed)
+                initial = build_student().get_weights()
+                finished = {}  # a seed's runs count once every method has run
+                for name, method in methods.items():
+                    finished[name] = run(name, method, seed, initial)
+            except Exception as err:
+                what = f"method {name!r}" if name else "build_student()"
+                raise StudyError(
+                    f"compare_methods: {what} failed on seed {seed} "
+                    f"({type(err).__name__}: {err}). The {len(done)} seed(s) "
+                    f"every method finished ({done}) are in this error's "
+                    "`.partial` StudyResult; fix the failing run and rerun, "
+                    "e.g. with the remaining seeds.",
+                    name,
+                    seed,
+                    result(done) if done else None,
+                ) from err
+            for name, (added, student) in finished.items():
+                runs[name].add(*added)
+                if keep_students:
+                    students[(name, seed)] = student
+            done.append(seed)
+    finally:
+        saved.restore()
+    return result(done)
