@@ -71,7 +71,6 @@ from keras_gramkd.bad_samples import (
     zero_bad_samples,
 )
 from keras_gramkd.checks import check_choice
-from keras_gramkd.losses import check_temperature
 from keras_gramkd.network import (
     Network,
     check_logits_layer,
@@ -80,8 +79,13 @@ from keras_gramkd.network import (
 )
 from keras_gramkd.replicas import scale_for_replicas, unscale_for_replicas
 from keras_gramkd.task_loss import TaskLoss
-from keras_gramkd.term_list import ActiveTerms, check_terms, short_form_terms
-from keras_gramkd.terms import check_weight, spec_config, target_key
+from keras_gramkd.term_list import (
+    ActiveTerms,
+    LeftOutTermsGuard,
+    check_terms,
+    short_form_terms,
+)
+from keras_gramkd.terms import check_weight, target_key
 
 __all__ = ["BAD_SAMPLE_POLICIES", "MODALITY_MASK_KEY", "Distiller"]
 
@@ -153,7 +157,13 @@ class Distiller(keras.Model):
             its own weight and `<name>_loss` metric. The short form is
             `[KDTerm(temperature, kd_weight, name="kd"),
             GramTerm(teacher_modalities, student_modalities, gram_weight,
-            gram_loss, name="gram")]`.
+            gram_loss, name="gram")]`, and the Distiller keeps no copy of
+            its settings: `distiller.kd_weight`, `gram_weight` (both
+            settable) and `temperature` read the terms named "kd" and
+            "gram". A term's weight may change after the build (between
+            fits, or in a callback) and the step follows it; a term whose
+            weight is 0 at the build is left out of the step, and giving it a
+            weight later is an error at the next epoch, `fit` or `evaluate`.
         student_mask_layer: optional address of a student layer that outputs a
             (batch, M) modality mask, such as
             `ModalityDropout(rate, return_mask=True)`: the Gram terms then
@@ -227,7 +237,6 @@ class Distiller(keras.Model):
             check_logits_layer(model, role)
         self._check_classes(teacher, student)
 
-        self.short_form = terms is None
         short_form = {
             "teacher_modalities": teacher_modalities,
             "student_modalities": student_modalities,
@@ -237,18 +246,15 @@ class Distiller(keras.Model):
             "gram_loss": gram_loss,
         }
         given = [key for key, value in short_form.items() if value is not None]
-        if not self.short_form and given:
+        if terms is not None and given:
             raise ValueError(
                 f"Pass either terms=[...] or the short form, not both: got "
                 f"terms and {given}. Put these settings in the terms, e.g. "
                 "KDTerm(temperature=4.0, weight=1.0), GramTerm("
                 "teacher_features, student_features, weight=1.0)."
             )
-        self.kd_weight = self.gram_weight = self.temperature = None
-        if self.short_form:
-            terms = self._short_form_terms(**short_form)
-        self.teacher_modalities = teacher_modalities
-        self.student_modalities = student_modalities
+        if terms is None:
+            terms = short_form_terms(**short_form)
         self.terms = check_terms(terms)
         self.student_mask_layer = student_mask_layer
 
@@ -280,25 +286,44 @@ class Distiller(keras.Model):
         if teacher.built and student.built:
             self.built = True
 
-    def _short_form_terms(self, kd_weight, gram_weight, temperature, **modalities):
-        """The short form's terms; its settings, checked, become attributes."""
-        self.kd_weight = check_weight(
-            "kd_weight", 1.0 if kd_weight is None else kd_weight
+    def _term(self, name, setting):
+        for term in self.terms:
+            if term.name == name:
+                return term
+        # Not AttributeError: PyTorch's Module.__getattr__ would replace the
+        # message with its own.
+        raise ValueError(
+            f"This Distiller has no term named {name!r} (its terms: "
+            f"{[term.name for term in self.terms]}), so it has no {setting}. "
+            "Read or set the term's own value, e.g. distiller.terms[0].weight."
         )
-        self.gram_weight = check_weight(
-            "gram_weight", 1.0 if gram_weight is None else gram_weight
-        )
-        self.temperature = check_temperature(
-            4.0 if temperature is None else temperature
-        )
-        return short_form_terms(
-            modalities["teacher_modalities"],
-            modalities["student_modalities"],
-            self.kd_weight,
-            self.gram_weight,
-            self.temperature,
-            modalities["gram_loss"],
-        )
+
+    @property
+    def kd_weight(self):
+        """The weight of the term named "kd" (the short form's KD term)."""
+        return self._term("kd", "kd_weight").weight
+
+    @kd_weight.setter
+    def kd_weight(self, value):
+        self._term("kd", "kd_weight").weight = value
+
+    @property
+    def gram_weight(self):
+        """The weight of the term named "gram" (the short form's Gram term)."""
+        return self._term("gram", "gram_weight").weight
+
+    @gram_weight.setter
+    def gram_weight(self, value):
+        self._term("gram", "gram_weight").weight = value
+
+    @property
+    def temperature(self):
+        """The temperature of the term named "kd", fixed at construction."""
+        return self._term("kd", "temperature").temperature
+
+    @temperature.setter
+    def temperature(self, value):
+        self._term("kd", "temperature").temperature = value  # raises with a fix
 
     @staticmethod
     def _check_classes(teacher, student):
@@ -359,6 +384,7 @@ class Distiller(keras.Model):
         **kwargs,
     ):
         """`keras.Model.fit`, plus the data checks described in the class."""
+        self._active.check_left_out()
         check_arrays(x, y)
         check_mask_values(x)
         if is_empty_source(x):
@@ -370,7 +396,11 @@ class Distiller(keras.Model):
                 batch_size=batch_size,
                 epochs=epochs,
                 verbose=verbose,
-                callbacks=[*(callbacks or []), DataGuard(self.on_bad_sample)],
+                callbacks=[
+                    *(callbacks or []),
+                    DataGuard(self.on_bad_sample),
+                    LeftOutTermsGuard(self._active),
+                ],
                 **kwargs,
             )
         except StopIteration:  # JAX's trainer peeks at a first batch
@@ -378,6 +408,7 @@ class Distiller(keras.Model):
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.evaluate`, plus the `modality_mask` value check."""
+        self._active.check_left_out()
         check_mask_values(x)
         return super().evaluate(x, y, *args, **kwargs)
 
@@ -459,7 +490,8 @@ class Distiller(keras.Model):
             for term, tracker, value in zip(
                 self._active, self.term_trackers, losses, strict=True
             ):
-                total = total + term.weight * self._track_loss(tracker, value, y_pred)
+                weight = term.loss_weight.variable
+                total = total + weight * self._track_loss(tracker, value, y_pred)
         for extra in self.losses:  # the student's regularisation losses
             # Summed and scaled for replicas, as Keras' TensorFlow trainer does.
             total = total + scale_for_replicas(ops.sum(ops.cast(extra, "float32")))
@@ -620,18 +652,7 @@ class Distiller(keras.Model):
             "student_mask_layer": self.student_mask_layer,
             "on_bad_sample": self.on_bad_sample,
         }
-        if not self.short_form:
-            return {**config, "terms": [serialize(term) for term in self.terms]}
-        kd, gram = self.terms
-        return {
-            **config,
-            "teacher_modalities": spec_config(gram.teacher_features),
-            "student_modalities": spec_config(gram.student_features),
-            "kd_weight": self.kd_weight,
-            "gram_weight": self.gram_weight,
-            "temperature": self.temperature,
-            "gram_loss": serialize(gram.gram_loss),
-        }
+        return {**config, "terms": [serialize(term) for term in self.terms]}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

@@ -16,6 +16,7 @@ Traceback (most recent call last):
 ValueError: Several terms are named ['kd']; ...
 """
 
+import keras
 from keras import ops
 
 from keras_gramkd.bad_samples import MODALITY_MASK_KEY
@@ -32,22 +33,29 @@ from keras_gramkd.terms import (
 
 
 def short_form_terms(
-    teacher_modalities,
-    student_modalities,
-    kd_weight,
-    gram_weight,
-    temperature,
-    gram_loss,
+    teacher_modalities=None,
+    student_modalities=None,
+    kd_weight=None,
+    gram_weight=None,
+    temperature=None,
+    gram_loss=None,
 ):
-    """The terms of the Distiller's short form: `KDTerm` "kd", `GramTerm` "gram"."""
+    """The terms of the Distiller's short form: `KDTerm` "kd", `GramTerm` "gram".
+
+    A setting left None takes the term's own default (weights 1, T = 4); the
+    terms check every value.
+    """
+
+    def given(**settings):
+        return {key: value for key, value in settings.items() if value is not None}
+
     return [
-        KDTerm(temperature, weight=kd_weight, name="kd"),
+        KDTerm(name="kd", **given(temperature=temperature, weight=kd_weight)),
         GramTerm(
             teacher_modalities,
             student_modalities,
-            weight=gram_weight,
-            loss=gram_loss,
             name="gram",
+            **given(weight=gram_weight, loss=gram_loss),
         ),
     ]
 
@@ -139,6 +147,7 @@ class ActiveTerms:
 
     def __init__(self, terms, teacher, student, student_mask_layer=None):
         self.terms = [term for term in terms if term.weight > 0]
+        self.left_out = [term for term in terms if term.weight == 0]
         self.teacher, self.student = teacher, student
         self.uses_mask = any(term.uses_mask for term in self.terms)
         names = []
@@ -152,6 +161,18 @@ class ActiveTerms:
 
     def __iter__(self):
         return iter(self.terms)
+
+    def check_left_out(self):
+        """Raises if a term left out (weight 0 when built) has a weight now."""
+        switched = [term.name for term in self.left_out if term.weight > 0]
+        if switched:
+            raise ValueError(
+                f"Term(s) {switched} had weight 0 when the Distiller was built, "
+                "so its step leaves them out, and a weight set later cannot "
+                "switch them on. Build the Distiller with their weight > 0 and "
+                "set it to 0 where they should be off (a weight changed after "
+                "the build is honoured), or build a new Distiller."
+            )
 
     def __len__(self):
         return len(self.terms)
@@ -263,3 +284,15 @@ class ActiveTerms:
             term_mask = self._term_mask(term, mask)
             losses.append(term.loss(targets, outputs, sample_weight, term_mask))
         return losses
+
+
+class LeftOutTermsGuard(keras.callbacks.Callback):
+    """Stops `fit` at the start of an epoch if a callback gave a weight to a
+    term the step leaves out (`ActiveTerms.check_left_out`)."""
+
+    def __init__(self, active_terms):
+        super().__init__()
+        self.active_terms = active_terms
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.active_terms.check_left_out()

@@ -121,11 +121,39 @@ class NetworkOutputs:
 
 
 @keras.saving.register_keras_serializable(package="keras_gramkd")
+class TermWeight(keras.layers.Layer):
+    """A term's weight as a non-trainable float32 scalar variable.
+
+    The training step reads the variable, so a weight changed after the
+    Distiller is built (between fits, or by a callback) is honoured on every
+    backend without retracing. A file saved before terms kept their weight as
+    a variable holds no value for it: loading keeps the weight of the config.
+    """
+
+    def __init__(self, value, **kwargs):
+        super().__init__(dtype="float32", **kwargs)
+        self.variable = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(value),
+            trainable=False,
+            name="value",
+        )
+        self.built = True
+
+    def load_own_variables(self, store):
+        if len(store.keys()):
+            super().load_own_variables(store)
+
+
+@keras.saving.register_keras_serializable(package="keras_gramkd")
 class DistillationTerm(keras.layers.Layer):
     """Base class of a distillation term; subclass it to add your own.
 
     Args:
-        weight: non-negative weight of the term; 0 skips its computation.
+        weight: non-negative weight of the term. A term whose weight is 0 when
+            the Distiller is built is left out of its step (nothing computed);
+            any other weight may change later (`term.weight = 0.5`, also from
+            a callback) and the step follows it.
         teacher_features: what the term reads from the teacher: None, one
             feature address (a layer name, a path `"encoder/embed"`, a layer
             object or a `Feature`), or a dict modality name -> address.
@@ -149,13 +177,25 @@ class DistillationTerm(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
-        self.weight = check_weight(f"The weight of term {self.name!r}", weight)
+        self.loss_weight = TermWeight(self._checked_weight(weight), name="weight")
         self.teacher_features = as_spec(
             teacher_features, f"teacher_features of term {self.name!r}"
         )
         self.student_features = as_spec(
             student_features, f"student_features of term {self.name!r}"
         )
+
+    def _checked_weight(self, value):
+        return check_weight(f"The weight of term {self.name!r}", value)
+
+    @property
+    def weight(self):
+        """The term's weight, a float >= 0 (the value of `loss_weight`)."""
+        return float(ops.convert_to_numpy(self.loss_weight.variable))
+
+    @weight.setter
+    def weight(self, value):
+        self.loss_weight.variable.assign(self._checked_weight(value))
 
     def teacher_spec(self):
         """The teacher features this term reads (by default all it names)."""
@@ -254,8 +294,19 @@ class KDTerm(DistillationTerm):
         kwargs.pop("teacher_features", None)
         kwargs.pop("student_features", None)
         super().__init__(weight=weight, name=name, **kwargs)
-        self.temperature = check_temperature(temperature)
-        self.kd_loss = LogitKD(self.temperature)
+        self.kd_loss = LogitKD(check_temperature(temperature))
+
+    @property
+    def temperature(self):
+        """The softening temperature, fixed at construction."""
+        return self.kd_loss.temperature
+
+    @temperature.setter
+    def temperature(self, value):
+        raise AttributeError(
+            f"The temperature of term {self.name!r} is fixed when it is built: "
+            f"build a new KDTerm(temperature={value!r}) (and a new Distiller)."
+        )
 
     def teacher_targets(self, teacher, mask=None):
         return {"logits": teacher.logits}

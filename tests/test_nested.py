@@ -67,7 +67,8 @@ def test_layer_objects_address_like_their_paths():
         for d in (by_path, by_object)
     ]
     assert logs[0]["gram_loss"] == pytest.approx(logs[1]["gram_loss"], rel=1e-6)
-    config = by_object.get_config()["student_modalities"]
+    gram = by_object.get_config()["terms"][1]["config"]
+    config = gram["student_features"]
     assert {k: v["address"] for k, v in config.items()} == NESTED_PATHS
 
 
