@@ -71,6 +71,7 @@ from keras_gramkd.bad_samples import (
     zero_bad_samples,
 )
 from keras_gramkd.checks import check_choice
+from keras_gramkd.jax_recovery import VariableKeeper
 from keras_gramkd.network import (
     Network,
     check_logits_layer,
@@ -389,28 +390,70 @@ class Distiller(keras.Model):
         check_mask_values(x)
         if is_empty_source(x):
             raise ValueError(EMPTY_DATA_MESSAGE)
+        keeper = VariableKeeper(self)
+        fit = super().fit
         try:
-            return super().fit(
-                x,
-                y,
-                batch_size=batch_size,
-                epochs=epochs,
-                verbose=verbose,
-                callbacks=[
-                    *(callbacks or []),
-                    DataGuard(self.on_bad_sample),
-                    LeftOutTermsGuard(self._active),
-                ],
-                **kwargs,
+            return keeper.run(
+                lambda: fit(
+                    x,
+                    y,
+                    batch_size=batch_size,
+                    epochs=epochs,
+                    verbose=verbose,
+                    callbacks=[
+                        *(callbacks or []),
+                        DataGuard(self.on_bad_sample),
+                        LeftOutTermsGuard(self._active),
+                        keeper,
+                    ],
+                    **kwargs,
+                )
             )
         except StopIteration:  # JAX's trainer peeks at a first batch
             raise ValueError(EMPTY_DATA_MESSAGE) from None
 
-    def evaluate(self, x=None, y=None, *args, **kwargs):
+    def evaluate(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        verbose="auto",
+        sample_weight=None,
+        steps=None,
+        callbacks=None,
+        return_dict=False,
+        **kwargs,
+    ):
         """`keras.Model.evaluate`, plus the `modality_mask` value check."""
         self._active.check_left_out()
         check_mask_values(x)
-        return super().evaluate(x, y, *args, **kwargs)
+        keeper, evaluate = VariableKeeper(self), super().evaluate
+        return keeper.run(
+            lambda: evaluate(
+                x,
+                y,
+                batch_size=batch_size,
+                verbose=verbose,
+                sample_weight=sample_weight,
+                steps=steps,
+                callbacks=[*(callbacks or []), keeper],
+                return_dict=return_dict,
+                **kwargs,
+            )
+        )
+
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        """`keras.Model.predict`: the student's logits."""
+        keeper, predict = VariableKeeper(self), super().predict
+        return keeper.run(
+            lambda: predict(
+                x,
+                batch_size=batch_size,
+                verbose=verbose,
+                steps=steps,
+                callbacks=[*(callbacks or []), keeper],
+            )
+        )
 
     def call(self, inputs, training=None):
         if inputs is None:  # torch's trainer builds on a missing first batch
