@@ -18,6 +18,8 @@ samples.
 [[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]]
 """
 
+import math
+
 import keras
 import numpy as np
 from keras import ops
@@ -166,9 +168,10 @@ class DataGuard(keras.callbacks.Callback):
 
     async_safe = True
 
-    def __init__(self, on_bad_sample):
+    def __init__(self, on_bad_sample, term_names=()):
         super().__init__()
         self.on_bad_sample = on_bad_sample
+        self.term_names = list(term_names)
         self.epochs_begun = 0
         self.batches = 0
         self.epoch = 0
@@ -179,7 +182,23 @@ class DataGuard(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.batches += 1
-        skipped = float((logs or {}).get("skipped_samples", 0.0))
+        logs = logs or {}
+        bad_terms = [
+            name
+            for name in self.term_names
+            if not math.isfinite(float(logs.get(f"{name}_loss", 0.0)))
+        ]
+        if bad_terms:
+            raise ValueError(
+                f"Term(s) {bad_terms} gave a NaN or inf loss in epoch "
+                f"{self.epoch + 1} up to batch {batch + 1}, from finite inputs: a "
+                "bug in the term, or an overflow of what it reads (scale the "
+                "features, e.g. with a normalising layer). The term's gradient "
+                "was left out of those steps, so the student's weights hold no "
+                "NaN (a term's own weights, such as a FitNet regressor, may). "
+                "Fix the term and fit again."
+            )
+        skipped = float(logs.get("skipped_samples", 0.0))
         if skipped > 0 and self.on_bad_sample == "raise":
             raise ValueError(
                 f"{skipped:.0f} training sample(s) in epoch {self.epoch + 1} up to "

@@ -402,7 +402,9 @@ class Distiller(keras.Model):
                     verbose=verbose,
                     callbacks=[
                         *(callbacks or []),
-                        DataGuard(self.on_bad_sample),
+                        DataGuard(
+                            self.on_bad_sample, [term.name for term in self._active]
+                        ),
                         LeftOutTermsGuard(self._active),
                         keeper,
                     ],

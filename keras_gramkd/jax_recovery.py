@@ -8,8 +8,7 @@ step while it is traced, leaves them detached: the model, and every model
 that shares its layers (a Distiller's teacher), then fail with
 `'NoneType' object is not callable`. `VariableKeeper` puts the values back
 before the exception leaves: those from before the loop's first step if it
-did not finish, else the trainer's latest state (its public
-`jax_state_sync`). Other backends keep their values and need nothing.
+never ran, else the trainer's latest state (its public `jax_state_sync`). Other backends keep their values and need nothing.
 
 Example:
 
@@ -67,7 +66,9 @@ class VariableKeeper(keras.callbacks.Callback):
             self._saved = []
 
     def _restore(self):
-        if self._saved:
+        # Once a step has run, JAX has reused the saved buffers (Keras donates
+        # the state to its step) and the trainer's state is the newer one.
+        if self._saved and not any(value.is_deleted() for _, value in self._saved):
             for variable, value in self._saved:
                 variable.assign(value)
         else:

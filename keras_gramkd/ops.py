@@ -376,3 +376,26 @@ def logit_kd(teacher_logits, student_logits, temperature=4.0):
     log_p = ops.where(near, log_q + u, log_p_far)
     kl = ops.sum(_kl_terms(log_q, u, log_p), axis=-1)
     return kl * (temperature**2)
+
+
+@ops.custom_gradient
+def finite_gradient(x):
+    """`x` unchanged; its gradient is zeroed where it holds a NaN or inf.
+
+    The whole gradient of `x` is zeroed, not only its bad entries, so a loss
+    whose gradient overflows adds nothing through `x` instead of a partial
+    update.
+
+    >>> import numpy as np
+    >>> from keras_gramkd import ops as kd_ops
+    >>> kd_ops.finite_gradient(np.ones((2,), "float32")).shape
+    (2,)
+    """
+
+    def grad(*args, upstream=None):
+        if upstream is None:
+            (upstream,) = args
+        finite = ops.all(ops.isfinite(upstream))
+        return ops.where(finite, upstream, ops.zeros_like(upstream))
+
+    return ops.add(x, 0), grad

@@ -19,6 +19,7 @@ ValueError: Several terms are named ['kd']; ...
 import keras
 from keras import ops
 
+from keras_gramkd import ops as kd_ops
 from keras_gramkd.bad_samples import MODALITY_MASK_KEY
 from keras_gramkd.features import pool_tokens
 from keras_gramkd.terms import (
@@ -278,8 +279,13 @@ class ActiveTerms:
         pooled, losses = {}, []
         for term in self.terms:
             targets = {k: ops.stop_gradient(v) for k, v in cached[term.name].items()}
+            # A term whose gradient is not finite adds nothing to the student's.
+            view = _spec_view(term.student_spec(), features, pooled)
             outputs = NetworkOutputs(
-                logits, _spec_view(term.student_spec(), features, pooled)
+                kd_ops.finite_gradient(logits),
+                None
+                if view is None
+                else keras.tree.map_structure(kd_ops.finite_gradient, view),
             )
             term_mask = self._term_mask(term, mask)
             losses.append(term.loss(targets, outputs, sample_weight, term_mask))

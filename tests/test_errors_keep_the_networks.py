@@ -1,13 +1,16 @@
 """An error inside `fit`, `evaluate` or `predict` leaves the teacher and the
 student usable with the values they had (on JAX, Keras detaches variable
-values while a loop runs)."""
+values while a loop runs), and a term whose loss is not finite stops `fit`
+before its gradient reaches the student."""
 
 import keras
 import numpy as np
 import pytest
-from helpers import make_data, make_net, modality_map, sparse_ce, to_np
+from helpers import make_data, make_net, modality_map, sparse_ce, to_np, value_and_grad
+from keras import ops
 
 from keras_gramkd import DistillationTerm, Distiller, KDTerm
+from keras_gramkd import ops as kd_ops
 
 
 class BrokenTerm(DistillationTerm):
@@ -102,3 +105,50 @@ def test_predict_with_a_missing_input_keeps_the_networks():
     with pytest.raises((KeyError, ValueError), match="c"):
         distiller.predict({"a": x["a"], "b": x["b"]}, verbose=0)
     np.testing.assert_allclose(distiller.predict(x, verbose=0), expected, atol=1e-6)
+
+
+class NaNTerm(DistillationTerm):
+    """A user's term whose loss is NaN for finite inputs."""
+
+    def loss(self, targets, student, sample_weight=None, mask=None):
+        return ops.mean(student.logits) * np.float32("nan")
+
+
+class OverflowTerm(DistillationTerm):
+    """A user's term whose loss overflows float32 (inf) for finite inputs."""
+
+    def loss(self, targets, student, sample_weight=None, mask=None):
+        return self.reduce(ops.square(student.logits * 1e30), sample_weight)
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+@pytest.mark.parametrize(
+    "term, name",
+    [
+        (lambda: NaNTerm(name="nan_term"), "nan_term"),
+        (lambda: OverflowTerm(name="overflow"), "overflow"),
+    ],
+)
+def test_a_term_with_a_non_finite_loss_stops_fit_and_the_student_stays_finite(
+    policy, term, name
+):
+    x, y = make_data(32)
+    teacher, student = make_net("t", 8), make_net("s", 4)
+    terms = [KDTerm(), term()]
+    distiller = Distiller(teacher, student, terms=terms, on_bad_sample=policy)
+    distiller.compile(optimizer="adam", loss=sparse_ce())
+    with pytest.raises(ValueError, match=rf"Term\(s\) \['{name}'\] gave a NaN or inf"):
+        distiller.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert all(np.all(np.isfinite(to_np(w))) for w in student.weights)
+
+
+def test_finite_gradient_zeroes_a_non_finite_gradient_only():
+    x = np.array([1.0, 2.0], "float32")
+    _, grad = value_and_grad(lambda v: ops.sum(kd_ops.finite_gradient(v) * 3.0), x)
+    np.testing.assert_array_equal(grad, [3.0, 3.0])
+    _, grad = value_and_grad(
+        lambda v: ops.sum(kd_ops.finite_gradient(v) * np.float32("nan")), x
+    )
+    np.testing.assert_array_equal(grad, [0.0, 0.0])
+    value, _ = value_and_grad(lambda v: ops.sum(kd_ops.finite_gradient(v)), x)
+    assert float(value) == 3.0
