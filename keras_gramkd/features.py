@@ -272,8 +272,19 @@ def _view(model, role, paths, prefix):
             model, clone_function=_same_layer, call_function=call
         )
         inputs, output = view.input, view.output
+    input_layers = {
+        layer.name
+        for layer in model.layers
+        if isinstance(layer, keras.layers.InputLayer)
+    }
     features = []
     for path in paths:
+        if path in input_layers:
+            raise ValueError(
+                f"{prefix + path!r} is an input of the {role}, not a layer that "
+                "computes a feature. Name the layer whose output is the "
+                "modality's embedding (e.g. the encoder's last layer)."
+            )
         found = records.get(path, [])
         if len(found) != 1:
             raise _call_count_error(role, prefix + path, len(found))

@@ -8,7 +8,8 @@ step while it is traced, leaves them detached: the model, and every model
 that shares its layers (a Distiller's teacher), then fail with
 `'NoneType' object is not callable`. `VariableKeeper` puts the values back
 before the exception leaves: those from before the loop's first step if it
-never ran, else the trainer's latest state (its public `jax_state_sync`). Other backends keep their values and need nothing.
+never ran, else the trainer's latest state (its public `jax_state_sync`).
+Other backends keep their values and need nothing.
 
 Example:
 

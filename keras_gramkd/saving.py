@@ -1,4 +1,5 @@
-"""Atomic saving: a half-written file never replaces a good one.
+"""Atomic saving: a half-written file never replaces a good one; a corrupt
+`.keras` file is named as such when read (`check_keras_archive`).
 
 Keras writes `.keras` and `.weights.h5` files in place: `open(path, "wb")` or
 `h5py.File(path, "w")` truncates the old file first, so a process killed (or
@@ -41,6 +42,7 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
 
 import keras
 
@@ -50,6 +52,18 @@ _SUFFIXES = (".weights.h5", ".keras", ".hdf5", ".h5")
 _REMOTE_PREFIXES = ("/cns", "/cfs", "/gcs", "/hdfs", "/readahead", "/placer", "/tfhub")
 TEMP_MARKER = ".tmp-"
 """Part of every temporary file name, as in `.NAME.tmp-<pid>-<hex>SUFFIX`."""
+
+
+def check_keras_archive(path):
+    """Raises a clear error unless the local `.keras` file `path` is a zip
+    archive, as Keras writes them (Keras reports a corrupt file as "File not
+    found")."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is not a readable .keras file: it is not a zip archive "
+            "(truncated or corrupt, or another format with a .keras name). "
+            "Save the model again with model.save(path)."
+        )
 
 
 def is_local_file_path(filepath):

@@ -63,6 +63,17 @@ def short_form_terms(
 
 def check_terms(terms):
     """`terms` as a list; raises for a non-term or a name that cannot be a metric."""
+    if isinstance(terms, DistillationTerm):
+        raise TypeError(
+            f"terms must be a list of terms; got the single term "
+            f"{type(terms).__name__}. Wrap it in a list: terms=[{type(terms).__name__}"
+            "(...)]."
+        )
+    if not isinstance(terms, (list, tuple)):
+        raise TypeError(
+            "terms must be a list of keras_gramkd.DistillationTerm (KDTerm, "
+            f"GramTerm, or your subclass); got {type(terms).__name__}."
+        )
     terms = list(terms)
     for term in terms:
         if not isinstance(term, DistillationTerm):
@@ -288,8 +299,40 @@ class ActiveTerms:
                 else keras.tree.map_structure(kd_ops.finite_gradient, view),
             )
             term_mask = self._term_mask(term, mask)
-            losses.append(term.loss(targets, outputs, sample_weight, term_mask))
+            variables = len(term.variables)
+            value = term.loss(targets, outputs, sample_weight, term_mask)
+            if len(term.variables) != variables:
+                raise ValueError(
+                    f"Term {term.name!r} created variables inside its loss "
+                    f"({[v.path for v in term.variables[variables:]]}), so the "
+                    "optimizer, built before the first step, cannot train them. "
+                    "Create and build the term's layers before training: in "
+                    "__init__ with a known input shape, or in check_features("
+                    "teacher_shapes, student_shapes), which the Distiller calls "
+                    "once with the features' shapes."
+                )
+            losses.append(_checked_loss(term, value))
         return losses
+
+
+def _checked_loss(term, value):
+    """A term's loss, refused unless it is a floating-point scalar."""
+    value = ops.convert_to_tensor(value)
+    dtype = keras.backend.standardize_dtype(value.dtype)
+    if "float" not in dtype:
+        raise TypeError(
+            f"Term {term.name!r} returned a loss of dtype {dtype}: an integer "
+            "or boolean loss has no gradient, so the term would train nothing. "
+            "Compute it in floating point, e.g. ops.cast(values, 'float32') "
+            "before reducing."
+        )
+    if len(value.shape):
+        raise ValueError(
+            f"Term {term.name!r} returned a loss of shape {tuple(value.shape)}; "
+            "a term's loss is a scalar. Reduce per-sample values with "
+            "self.reduce(values, sample_weight)."
+        )
+    return value
 
 
 class LeftOutTermsGuard(keras.callbacks.Callback):

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from keras_gramkd.distiller import Distiller
+from keras_gramkd.saving import check_keras_archive
 
 # Names TensorFlow accepts for a SavedModel signature argument (Keras already
 # refuses '/' in a layer name).
@@ -53,6 +54,7 @@ def load_student(student):
             f"{path} is not a Keras model: expected a '.keras' file saved with "
             "model.save(...)."
         )
+    check_keras_archive(path)
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as error:

@@ -26,6 +26,7 @@ from keras_gramkd.demo.settings import (
     load_setting,
 )
 from keras_gramkd.demo.study import DEFAULTS
+from keras_gramkd.saving import check_keras_archive
 from keras_gramkd.tuning.search import (
     best_with_and_without_gram,
     completed_trials,
@@ -64,6 +65,11 @@ def _teacher(args, views, directory, data, console):
     path = os.path.join(directory, "teacher.keras")
     if os.path.exists(path) and not args.overwrite:
         console.print(f"Teacher: reusing {path}")
+        try:
+            check_keras_archive(path)
+        except ValueError as error:
+            hint = "Or pass --overwrite to train a new one."
+            raise ValueError(f"{error} {hint}") from None
         teacher = keras.saving.load_model(path, compile=False)
     else:
         x, y = data["teacher_train"]
