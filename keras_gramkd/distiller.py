@@ -355,10 +355,25 @@ class Distiller(keras.Model):
         metrics = kwargs.get("metrics", args[1] if len(args) > 1 else None)
         weighted = kwargs.get("weighted_metrics", args[2] if len(args) > 2 else None)
         self._compiled_metrics = bool(metrics or weighted)
+        self._check_metric_names(metrics, weighted)
         # Keras itself gets no loss: compute_loss applies the task loss, and a
         # compiled loss Keras never calls would stay unbuilt and cost a
         # symbolic build at every fit.
         super().compile(optimizer, None, *args, **kwargs)
+
+    def _check_metric_names(self, *metric_lists):
+        """Refuses a compiled metric named like one of the Distiller's own,
+        which would replace it in the history."""
+        own = {"loss", "skipped_samples", "task_loss"}
+        own.update(f"{term.name}_loss" for term in self._active)
+        for metric in keras.tree.flatten([m for m in metric_lists if m]):
+            name = getattr(metric, "name", getattr(metric, "__name__", metric))
+            if name in own:
+                raise ValueError(
+                    f"A compiled metric is named {name!r}, like one of the "
+                    "Distiller's own metrics, so the history would keep only "
+                    f"one of them. Give it another name, e.g. name='my_{name}'."
+                )
 
     def get_compile_config(self):
         """`keras.Model.get_compile_config`, with the task loss given."""

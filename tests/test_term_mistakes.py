@@ -80,3 +80,21 @@ def test_a_corrupt_keras_file_is_named_as_corrupt(tmp_path):
     path.write_bytes(b"half a file")
     with pytest.raises(ValueError, match=r"student\.keras is not a readable \.keras"):
         export_student(path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ["kd_loss", "task_loss", "skipped_samples"])
+def test_a_compiled_metric_may_not_take_a_distiller_metrics_name(name):
+    distiller = Distiller(
+        make_net("t", 8), make_net("s", 4), modality_map("t"), modality_map("s")
+    )
+    metric = keras.metrics.SparseCategoricalAccuracy(name=name)
+    with pytest.raises(ValueError, match=rf"compiled metric is named '{name}'.*'my_"):
+        distiller.compile(optimizer="adam", loss=sparse_ce(), metrics=[metric])
+    distiller.compile(
+        optimizer="adam",
+        loss=sparse_ce(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name=f"my_{name}")],
+    )
+    x, y = make_data(16)
+    logs = distiller.evaluate(x, y, return_dict=True, verbose=0)
+    assert {name, f"my_{name}"} <= set(logs)
