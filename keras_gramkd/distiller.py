@@ -444,20 +444,25 @@ class Distiller(keras.Model):
         """`keras.Model.evaluate`, plus the `modality_mask` value check."""
         self._active.check_left_out()
         check_mask_values(x)
-        keeper, evaluate = VariableKeeper(self), super().evaluate
-        return keeper.run(
-            lambda: evaluate(
+        evaluate = super().evaluate
+
+        def run(callbacks):
+            return evaluate(
                 x,
                 y,
                 batch_size=batch_size,
                 verbose=verbose,
                 sample_weight=sample_weight,
                 steps=steps,
-                callbacks=[*(callbacks or []), keeper],
+                callbacks=callbacks,
                 return_dict=return_dict,
                 **kwargs,
             )
-        )
+
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            return run(callbacks)  # fit's validation, under fit's VariableKeeper
+        keeper = VariableKeeper(self)
+        return keeper.run(lambda: run([*(callbacks or []), keeper]))
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
         """`keras.Model.predict`: the student's logits."""

@@ -367,7 +367,7 @@ def test_path_that_is_not_a_keras_model(tmp_path):
         gx.export_student(text, tmp_path)
     fake = tmp_path / "broken.keras"
     fake.write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="is not a Keras model"):
+    with pytest.raises(ValueError, match="is not a readable .keras file"):
         gx.export_student(fake, tmp_path)
     with pytest.raises(ValueError, match="not found"):
         gx.export_student(tmp_path / "missing.keras", tmp_path)
