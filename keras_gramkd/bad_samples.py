@@ -147,6 +147,10 @@ class SkippedRows(keras.layers.Layer):
 
     Called on `(y_pred, ok)`; returns `y_pred` with the skipped rows zeroed."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.built = True  # nothing to build: Keras need not trace the model
+
     def call(self, inputs):
         y_pred, ok = inputs
         return where_samples(ok, y_pred)

@@ -184,6 +184,11 @@ class DistillationTerm(keras.layers.Layer):
         self.student_features = as_spec(
             student_features, f"student_features of term {self.name!r}"
         )
+        # A term is never called as a layer: it has nothing for Keras to build,
+        # and an unbuilt one would make Keras trace the Distiller symbolically
+        # (one extra student call) at every fit and evaluate. A term with
+        # weights creates them in check_features (see FitNetTerm).
+        self.built = True
 
     def _checked_weight(self, value):
         return check_weight(f"The weight of term {self.name!r}", value)

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 from helpers import (
+    WIDTHS,
     DictSequence,
     build_distiller,
     make_data,
@@ -16,7 +17,8 @@ from helpers import (
     to_np,
 )
 
-from keras_gramkd import Distiller, ModalityGram
+from keras_gramkd import Distiller, GramTerm, KDTerm, ModalityGram
+from keras_gramkd.relational import FitNetTerm
 
 
 @pytest.mark.parametrize("source", ["numpy", "tf.data", "PyDataset"])
@@ -414,3 +416,51 @@ def test_one_step_computes_the_per_sample_task_loss_once_on_logits(from_logits):
     _CountedLoss.calls = 0
     distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert _CountedLoss.calls == (1 if from_logits else 2)
+
+
+class _AllCalls(keras.layers.Layer):
+    """Identity that counts every call, symbolic ones included."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def call(self, x):
+        self.calls += 1
+        return x
+
+
+@pytest.mark.parametrize("metrics", [None, ["accuracy"]])
+def test_the_student_runs_once_per_step_and_never_symbolically(metrics):
+    inputs = {m: keras.Input((WIDTHS[m],), name=m) for m in "abc"}
+    counter = _AllCalls()
+    embeds = [
+        keras.layers.Dense(4, name=f"s_{m}")(counter(h) if m == "a" else h)
+        for m, h in inputs.items()
+    ]
+    logits = keras.layers.Dense(3)(keras.layers.Concatenate()(embeds))
+    student = keras.Model(inputs, logits)
+    distiller = Distiller(
+        make_net("t", 8),
+        student,
+        terms=[
+            KDTerm(),
+            GramTerm(modality_map("t"), modality_map("s")),
+            FitNetTerm("t_a", "s_a", name="hint"),
+        ],
+    )
+    distiller.compile(
+        optimizer="adam", loss=sparse_ce(), metrics=metrics, run_eagerly=True
+    )
+    x, y = make_data(40)
+    for fit, steps in enumerate((2, 5, 4)):
+        counter.calls = 0
+        distiller.fit(x, y, batch_size=40 // steps, verbose=0)
+        # Keras builds compiled metrics once, with one symbolic pass (on JAX
+        # and PyTorch), at the first fit.
+        traced = keras.backend.backend() != "tensorflow"
+        once = 1 if metrics and fit == 0 and traced else 0
+        assert counter.calls == steps + once
+        counter.calls = 0
+        distiller.evaluate(x, y, batch_size=40 // steps, verbose=0)
+        assert counter.calls == steps
