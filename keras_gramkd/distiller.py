@@ -406,6 +406,7 @@ class Distiller(keras.Model):
         if is_empty_source(x):
             raise ValueError(EMPTY_DATA_MESSAGE)
         keeper = VariableKeeper(self)
+        guard = DataGuard(self.on_bad_sample, [term.name for term in self._active])
         fit = super().fit
         try:
             return keeper.run(
@@ -417,9 +418,7 @@ class Distiller(keras.Model):
                     verbose=verbose,
                     callbacks=[
                         *(callbacks or []),
-                        DataGuard(
-                            self.on_bad_sample, [term.name for term in self._active]
-                        ),
+                        guard,
                         LeftOutTermsGuard(self._active),
                         keeper,
                     ],
@@ -428,6 +427,10 @@ class Distiller(keras.Model):
             )
         except StopIteration:  # JAX's trainer peeks at a first batch
             raise ValueError(EMPTY_DATA_MESSAGE) from None
+        except UnboundLocalError:  # JAX's trainer after an epoch of no step
+            if guard.epochs_begun and not guard.batches:
+                raise ValueError(EMPTY_DATA_MESSAGE) from None
+            raise
 
     def evaluate(
         self,

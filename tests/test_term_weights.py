@@ -161,7 +161,7 @@ def test_an_old_short_form_config_still_builds():
 )
 def test_files_saved_by_version_0_2_still_load(name, weights):
     """Saved by keras-gramkd 0.2 (short-form config; terms without a weight
-    variable) under TensorFlow."""
+    variable) under TensorFlow and Keras 3.14, the lowest Keras supported."""
     distiller = keras.saving.load_model(DATA / f"distiller_v0_2_{name}.keras")
     assert {t.name: t.weight for t in distiller.terms if t.name in weights} == weights
     x, y = make_data(16)
