@@ -388,7 +388,7 @@ def finite_gradient(x):
 
     >>> import numpy as np
     >>> from keras_gramkd import ops as kd_ops
-    >>> kd_ops.finite_gradient(np.ones((2,), "float32")).shape
+    >>> tuple(kd_ops.finite_gradient(np.ones((2,), "float32")).shape)
     (2,)
     """
 

@@ -223,12 +223,11 @@ def test_best_hyperparameters_rebuild_the_distiller(search):
         hp = trial.hyperparameters
         values = hp.values
         distiller = hypermodel.build(hp)
-        config = distiller.get_config()
-        assert config["task_weight"] == 1.0
-        assert config["kd_weight"] == pytest.approx(values["kd_weight"])
-        assert config["temperature"] == values["temperature"]
+        assert distiller.task_weight == 1.0
+        assert distiller.kd_weight == pytest.approx(values["kd_weight"])
+        assert distiller.temperature == values["temperature"]
         expected_gram = values["gram_weight"] if values["use_gram"] else 0.0
-        assert config["gram_weight"] == pytest.approx(expected_gram)
+        assert distiller.gram_weight == pytest.approx(expected_gram)
         lr = keras.ops.convert_to_numpy(distiller.optimizer.learning_rate)
         assert float(lr) == pytest.approx(values["learning_rate"], rel=1e-6)
         assert distiller.student.get_layer("s_m0").units == values["width"]
@@ -274,12 +273,8 @@ def test_search_space_overrides(teacher):
             "learning_rate": 0.01,
         },
     )
-    config = fixed.build(kt.HyperParameters()).get_config()
-    assert (config["kd_weight"], config["gram_weight"], config["temperature"]) == (
-        0.5,
-        3.0,
-        2.0,
-    )
+    built = fixed.build(kt.HyperParameters())
+    assert (built.kd_weight, built.gram_weight, built.temperature) == (0.5, 3.0, 2.0)
     no_gram = DistillerHyperModel(
         teacher, _build_student, search_space={"gram_weight": 0}
     )  # no modality maps needed when the Gram term is off
