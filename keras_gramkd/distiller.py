@@ -410,7 +410,7 @@ class Distiller(keras.Model):
         fit = super().fit
         try:
             return keeper.run(
-                lambda: fit(
+                lambda extra: fit(
                     x,
                     y,
                     batch_size=batch_size,
@@ -420,7 +420,7 @@ class Distiller(keras.Model):
                         *(callbacks or []),
                         guard,
                         LeftOutTermsGuard(self._active),
-                        keeper,
+                        *extra,
                     ],
                     **kwargs,
                 )
@@ -464,19 +464,18 @@ class Distiller(keras.Model):
 
         if isinstance(callbacks, keras.callbacks.CallbackList):
             return run(callbacks)  # fit's validation, under fit's VariableKeeper
-        keeper = VariableKeeper(self)
-        return keeper.run(lambda: run([*(callbacks or []), keeper]))
+        return VariableKeeper(self).run(lambda extra: run([*(callbacks or []), *extra]))
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
         """`keras.Model.predict`: the student's logits."""
-        keeper, predict = VariableKeeper(self), super().predict
-        return keeper.run(
-            lambda: predict(
+        predict = super().predict
+        return VariableKeeper(self).run(
+            lambda extra: predict(
                 x,
                 batch_size=batch_size,
                 verbose=verbose,
                 steps=steps,
-                callbacks=[*(callbacks or []), keeper],
+                callbacks=[*(callbacks or []), *extra],
             )
         )
 

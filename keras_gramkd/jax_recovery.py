@@ -16,7 +16,9 @@ Example:
 >>> import keras
 >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
 >>> keeper = VariableKeeper(model)
->>> keeper.run(lambda: model.predict(keras.ops.ones((1, 2)), verbose=0)).shape
+>>> keeper.run(
+...     lambda extra: model.predict(keras.ops.ones((1, 2)), callbacks=extra, verbose=0)
+... ).shape
 (1, 1)
 """
 
@@ -25,7 +27,8 @@ import keras
 
 class VariableKeeper(keras.callbacks.Callback):
     """Restores `model`'s variables (on JAX) when the call given to `run`
-    raises; pass it to that call as one of its callbacks.
+    raises; `run` hands that call the callbacks to add (itself on JAX, none
+    on the other backends).
 
     It holds references to the values from the start of each loop (an epoch,
     an evaluation, a prediction) until that loop's first step has finished,
@@ -55,11 +58,11 @@ class VariableKeeper(keras.callbacks.Callback):
     on_train_batch_end = on_test_batch_end = on_predict_batch_end = _release
 
     def run(self, call):
-        """`call()`, restoring the variables if it raises."""
+        """`call(extra_callbacks)`, restoring the variables if it raises."""
         if keras.backend.backend() != "jax":
-            return call()
+            return call([])
         try:
-            return call()
+            return call([self])
         except BaseException:
             self._restore()
             raise
