@@ -42,10 +42,13 @@ docs/guide/bad-input.md.)
 Every loss value is Keras' "sum_over_batch_size": sum(w · per-sample loss) /
 batch size, for the task loss and every term alike.
 
-This module is the `Distiller` class (its docstrings are a third of it); the
-parts of its step live in `bad_samples` (finding and leaving out bad rows),
-`task_loss` (the compiled loss) and `term_list` (the terms and their features).
+This module is the `Distiller` class; its step reads top to bottom in
+`compute_loss`. The parts it calls live in `guard` (which rows a step can
+use), `bad_samples` (leaving them out), `task_loss` (the compiled loss) and
+`term_list` (the terms and their features).
 """
+
+from typing import NamedTuple
 
 import keras
 from keras import ops
@@ -58,19 +61,13 @@ from keras_gramkd.bad_samples import (
     MODALITY_MASK_KEY,
     DataGuard,
     SkippedRows,
-    both,
     check_arrays,
     check_mask_values,
-    finite_rows,
-    finite_samples,
     is_empty_source,
-    is_float_tensor,
-    mask_values_ok,
-    valid_labels,
     where_samples,
-    zero_bad_samples,
 )
 from keras_gramkd.checks import check_choice
+from keras_gramkd.guard import StepGuard
 from keras_gramkd.jax_recovery import VariableKeeper
 from keras_gramkd.network import (
     Network,
@@ -93,26 +90,39 @@ __all__ = ["BAD_SAMPLE_POLICIES", "MODALITY_MASK_KEY", "Distiller"]
 BAD_SAMPLE_POLICIES = ("raise", "skip")
 
 
-class _ForwardCache:
-    """Hands the student's modality features from `call` to `compute_loss`.
+class _StudentPass(NamedTuple):
+    """The student's forward pass of a step, as `call` made it."""
 
-    Keras' train and test steps compute `y_pred = model(x)` and then pass it to
-    `compute_loss` inside the same trace; keeping the features of that call
-    here is what lets logits and features come from one forward pass. A plain
-    object, so Keras does not track it.
+    logits: object
+    features: dict
+    mask: object
+    inputs_ok: object  # the rows `StepGuard.clean_inputs` kept, or None
+    inputs: object  # the batch as the student read it
+
+
+class _StepState:
+    """What one step hands on between Keras' hooks, explicitly.
+
+    Keras' train and test steps call `call`, then `compute_loss` on its output,
+    then `compute_metrics`, in that order and within one trace, on every
+    backend. `call` leaves the student's forward pass here and `compute_loss`
+    takes it, so that the features come from the same pass as the logits;
+    `compute_loss`, the one hook that knows the good rows, updates the metrics
+    and marks them updated, so that `compute_metrics` only reads them. Plain
+    Python values: Keras does not track this object.
     """
 
     def __init__(self):
-        self._entry = None
+        self.student = None
+        self.metrics_updated = False
 
-    def put(self, logits, extras):
-        self._entry = (logits, extras)
+    def take_student(self):
+        student, self.student = self.student, None
+        return student
 
-    def take(self, logits):
-        entry, self._entry = self._entry, None
-        if entry is not None and entry[0] is logits:
-            return entry[1]
-        return None
+    def take_metrics_updated(self):
+        updated, self.metrics_updated = self.metrics_updated, False
+        return updated
 
 
 class _LossMean(keras.metrics.Metric):
@@ -276,9 +286,10 @@ class Distiller(keras.Model):
             _LossMean(name=f"{term.name}_loss") for term in self._active
         ]
         self.skipped_samples_tracker = keras.metrics.Sum(name="skipped_samples")
-        self._forward_cache = _ForwardCache()
-        self._inputs_cache = _ForwardCache()
-        self._ok_cache = _ForwardCache()
+        self._guard = StepGuard(
+            self._teacher, self._student, checks_mask=bool(self.modality_names)
+        )
+        self._step = _StepState()
         self._task = TaskLoss(None)  # set by compile
         self._compiled_metrics = False
         # One instance: a layer made inside a step breaks torch.compile and
@@ -484,45 +495,57 @@ class Distiller(keras.Model):
             raise ValueError(
                 f"The Distiller got no inputs (None). {EMPTY_DATA_MESSAGE}"
             )
-        ok = None
-        if training:  # only the inputs the student reads: other keys may hold NaN
-            selected = self._student.select_inputs(inputs)
-            ok = finite_samples(selected)
-            if ok is not None:
-                inputs = zero_bad_samples(inputs, ok)
+        inputs_ok = None
+        if training:  # clean before the forward pass: no NaN in the gradient
+            inputs_ok, inputs = self._guard.clean_inputs(inputs)
         logits, features, mask = self._student.forward(inputs, training)
-        # compute_loss reads the features, and the input check made here, from
-        # this same call: each is computed once per step.
-        if self._student.extractor is not None:
-            self._forward_cache.put(logits, (features, mask))
-        self._inputs_cache.put(logits, (ok, inputs))
+        self._step.student = _StudentPass(logits, features, mask, inputs_ok, inputs)
+        self._step.metrics_updated = False
         return logits
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        if y_pred is None:
-            y_pred = self(x, training=training)
-        features, student_mask = {}, None
-        if self._student.extractor is not None:
-            extras = self._forward_cache.take(y_pred)
-            if extras is None:  # y_pred was not made by this model's call
-                _, *extras = self._student.forward(x, training)
-            features, student_mask = extras
+        """The step's loss, from the batch to the weighted sum of its parts.
+
+        Keras' steps give the `y_pred` of this Distiller's `call` on `x`, whose
+        forward pass (features included) is used here; with `y_pred=None` the
+        student runs here. Updates every metric, compiled ones included, with
+        the bad rows left out.
+        """
+        # 1. The student's forward pass, made by call (Keras calls it first).
+        student = self._step.take_student()
+        if student is None:
+            logits = self(x, training=training)
+            student = self._step.take_student()
+            y_pred = logits if y_pred is None else y_pred
         if y is not None and keras.backend.standardize_dtype(y.dtype) == "bool":
             y = ops.cast(y, "float32")  # as Keras' losses take them
         if sample_weight is not None:
             sample_weight = ops.cast(sample_weight, "float32")
+
+        # 2. The guard: the rows the data allows; the teacher's forward pass
+        # (unless its targets are cached) on them; the rows whose outputs and
+        # task loss came out finite.
+        task = self._task if self.task_weight > 0 else None
         cached = self._active.cached_targets(x)
-        ok, teacher, values = self._good_rows(
-            x, y, y_pred, sample_weight, features, cached
+        teacher_runs = cached is None and bool(self._active)
+        ok = self._guard.data_rows(
+            x, y, y_pred, sample_weight, task, teacher_runs, student.inputs_ok
         )
+        teacher = None
+        if teacher_runs:
+            batch = self._guard.teacher_batch(x, ok, student.inputs_ok, student.inputs)
+            teacher = self._teacher.forward(batch, training=False)[:2]
+        ok = self._guard.output_rows(ok, student.features, teacher, cached)
+        values = None
+        if task is not None and y is not None:
+            ok, values = task.check_rows(y, y_pred, ok)
         self.skipped_samples_tracker.update_state(
             ops.sum(1.0 - ops.cast(ok, "float32"))
         )
-        self._ok_cache.put(y_pred, ok)
 
-        # The bad rows are left out with where() (never NaN·0) and weight 0.
+        # 3. The bad rows left out with where() (never NaN·0) and weight 0.
         def drop(tree):
             if tree is None:
                 return None
@@ -534,34 +557,42 @@ class Distiller(keras.Model):
         # 1/C, not 0: a skipped row must give a finite loss even where the
         # task loss takes probabilities (0/0 in a from_logits=False CE).
         y_pred = where_samples(ok, y_pred, fill=1.0 / y_pred.shape[-1])
-        sample_weight = (
+        weight = (
             ops.cast(ok, "float32")
             if sample_weight is None
             else where_samples(ok, sample_weight)
         )
+
+        # 4. The task loss and each term's, weighted and summed.
         total = ops.zeros((), dtype="float32")
-        if self.task_weight > 0:
-            value = self._task(y, y_pred, sample_weight, ok, values)
+        if task is not None:
+            value = task(y, y_pred, weight, ok, values)
             total = total + self.task_weight * self._track_loss(
                 self.task_loss_tracker, value, y_pred
             )
         if self._active:
             losses = self._active.losses(
                 x,
-                (y_pred, drop(features)),
-                student_mask,
-                sample_weight,
+                (y_pred, drop(student.features)),
+                student.mask,
+                weight,
                 drop(teacher),
                 drop(cached),
             )
             for term, tracker, value in zip(
                 self._active, self.term_trackers, losses, strict=True
             ):
-                weight = term.loss_weight.variable
-                total = total + weight * self._track_loss(tracker, value, y_pred)
+                weight_variable = term.loss_weight.variable
+                total = total + weight_variable * self._track_loss(
+                    tracker, value, y_pred
+                )
         for extra in self.losses:  # the student's regularisation losses
             # Summed and scaled for replicas, as Keras' TensorFlow trainer does.
             total = total + scale_for_replicas(ops.sum(ops.cast(extra, "float32")))
+
+        # 5. The compiled metrics, on the good rows.
+        if self._compiled_metrics:
+            self._update_compiled_metrics(x, y, y_pred, sample_weight, ok)
         return total
 
     @staticmethod
@@ -580,113 +611,27 @@ class Distiller(keras.Model):
         tracker.update_state(unscale_for_replicas(value), batch)
         return value
 
-    def _good_rows(self, x, y, y_pred, sample_weight, features, cached):
-        """(ok, teacher, values) of a step: (batch,) bool, the rows it can use;
-        the teacher's (logits, features), or None with cached targets; the
-        per-sample task loss where it is computed once for both uses.
-
-        A row is bad when anything it feeds a loss is not finite: an input a
-        network reads, its label or weight, a network's output for it, or its
-        task loss.
-        """
-        # The check of the student's inputs that call made, and its inputs.
-        inputs_ok, inputs = self._inputs_cache.take(y_pred) or (None, x)
-        ok = self._data_ok(x, y, y_pred, sample_weight, cached, inputs_ok)
-        ok = both(ok, finite_samples(features))
-        teacher = None
-        if cached is None and self._active:
-            teacher = self._teacher.forward(
-                self._teacher_inputs(x, ok, inputs_ok, inputs), training=False
-            )[:2]
-            ok = both(ok, finite_samples(teacher))
-        else:
-            ok = both(ok, finite_samples(cached))
-        values = None
-        if self.task_weight > 0 and y is not None:
-            ok, values = self._task.check_rows(y, y_pred, ok)
-        return ok, teacher, values
-
-    def _data_ok(self, x, y, y_pred, sample_weight, cached, inputs_ok=None):
-        """(batch,) bool from what a step's data shows: the inputs the
-        networks read, the mask values, the labels, the weights, the output.
-
-        `inputs_ok`: the check of the student's inputs that `call` made; then
-        only the inputs the teacher alone reads are checked here.
-        """
-        student_keys = self._student.input_keys(x)
-        if inputs_ok is None or student_keys is None:
-            ok = finite_samples(self._student.select_inputs(x))
-        else:
-            ok = inputs_ok
-        if self._active and cached is None:
-            teacher_x = self._teacher.select_inputs(x)
-            teacher_keys = self._teacher.input_keys(x)
-            if inputs_ok is not None and None not in (student_keys, teacher_keys):
-                teacher_x = [x[k] for k in teacher_keys if k not in student_keys]
-            ok = both(ok, finite_samples(teacher_x))
-        ok = both(ok, self._mask_values_ok(x))
-        if self.task_weight > 0 and y is not None:
-            is_sparse, ignore_class = self._task.class_range()
-            n_classes = y_pred.shape[-1] if is_sparse else None
-            ok = both(ok, valid_labels(y, n_classes, ignore_class))
-        if sample_weight is not None:
-            ok = both(ok, finite_rows(sample_weight))
-        return both(ok, finite_rows(y_pred))
-
-    def _teacher_inputs(self, x, ok, inputs_ok, cleaned):
-        """The teacher's inputs with the bad samples zeroed; where it reads
-        the student's keys, the student's inputs that `call` cleaned."""
-        t_keys, s_keys = (n.input_keys(x) for n in (self._teacher, self._student))
-        if inputs_ok is None or t_keys is None or s_keys is None:
-            return zero_bad_samples(self._teacher.select_inputs(x), ok)
-        batch = {}
-        for key in t_keys:
-            if key in s_keys:
-                batch[key] = cleaned[key]
-            elif is_float_tensor(x[key]):
-                batch[key] = where_samples(ok, x[key])
-            else:
-                batch[key] = x[key]
-        return self._teacher.select_inputs(batch)
+    def _update_compiled_metrics(self, x, y, y_pred, sample_weight, ok):
+        """Updates Keras' compiled metrics with the skipped rows left out
+        (weight 0, and a Keras mask that unweighted metrics honour)."""
+        y_pred = self._skipped_rows((y_pred, ok))
+        if y is not None:
+            y = keras.tree.map_structure(lambda v: where_samples(ok, v), y)
+        weight = (
+            ops.cast(ok, "float32")
+            if sample_weight is None
+            else where_samples(ok, sample_weight)
+        )
+        super().compute_metrics(x, y, y_pred, weight)
+        self._step.metrics_updated = True
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        """Keras' metrics, with the samples `compute_loss` skipped left out
-        (weight 0, and their labels and outputs zeroed so no NaN enters)."""
-        # On JAX, compute_loss ran inside the gradient's trace and y_pred is a
-        # new array here: the cache misses and the checks are made again below
-        # (carrying them out would mean overriding the JAX trainer's
-        # non-public compute_loss_and_updates).
-        ok = self._ok_cache.take(y_pred)
-        if not self._compiled_metrics:
-            # Nothing but the trackers (updated in compute_loss) to report: the
-            # masking below would be work for no metric.
-            return super().compute_metrics(x, y, y_pred, sample_weight)
-        if ok is None:  # y_pred was not made in this step's compute_loss
-            if y is not None and keras.backend.standardize_dtype(y.dtype) == "bool":
-                y = ops.cast(y, "float32")
-            cached = self._active.cached_targets(x)
-            weight = None
-            if sample_weight is not None:
-                weight = ops.cast(sample_weight, "float32")
-            ok = self._data_ok(x, y, y_pred, weight, cached)
-        if ok is not None:
-            y_pred = self._skipped_rows((y_pred, ok))
-            if y is not None:
-                y = keras.tree.map_structure(lambda v: where_samples(ok, v), y)
-            keep = ops.cast(ok, "float32")
-            sample_weight = (
-                keep
-                if sample_weight is None
-                else where_samples(ok, ops.cast(sample_weight, "float32"))
-            )
+        """The metrics' results. In a step they were updated by
+        `compute_loss`, which knows the rows it left out; called on its own
+        (Keras' symbolic build, or by you), it updates them as Keras does."""
+        if self._step.take_metrics_updated() or not self._compiled_metrics:
+            return self.get_metrics_result()
         return super().compute_metrics(x, y, y_pred, sample_weight)
-
-    def _mask_values_ok(self, x):
-        """(batch,) bool: the batch's modality_mask holds only 0 and 1."""
-        mask = x.get(MODALITY_MASK_KEY) if isinstance(x, dict) else None
-        if mask is None or not self.modality_names:
-            return None
-        return mask_values_ok(mask)
 
     def teacher_targets(self, x):
         """What the terms need from the teacher for the batch `x`.

@@ -464,3 +464,31 @@ def test_the_student_runs_once_per_step_and_never_symbolically(metrics):
         counter.calls = 0
         distiller.evaluate(x, y, batch_size=40 // steps, verbose=0)
         assert counter.calls == steps
+
+
+@pytest.mark.parametrize("metrics", [None, ["accuracy"]])
+def test_the_guard_decides_the_rows_once_per_step(metrics):
+    """compute_loss decides the good rows and updates every metric; nothing
+    checks the batch again afterwards (on JAX too, where Keras calls
+    compute_metrics outside the gradient's trace)."""
+    from keras_gramkd.guard import StepGuard
+
+    calls = []
+
+    class CountingGuard(StepGuard):
+        def data_rows(self, *args, **kwargs):
+            calls.append(1)
+            return super().data_rows(*args, **kwargs)
+
+    distiller = build_distiller(
+        on_bad_sample="skip",
+        compile_args={"loss": sparse_ce(), "metrics": metrics, "run_eagerly": True},
+    )
+    distiller._guard = CountingGuard(
+        distiller._teacher, distiller._student, checks_mask=False
+    )
+    x, y = make_data(12)
+    y[3] = 7  # not a class: left out of the loss and the metrics
+    history = distiller.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert len(calls) == 3
+    assert history.history["skipped_samples"] == [1.0]
