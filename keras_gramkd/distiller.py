@@ -125,22 +125,34 @@ class _StepState:
         return updated
 
 
-class _LossMean(keras.metrics.Metric):
-    """`keras.metrics.Mean` of one loss value per batch, weighted by the
-    batch size: the same result (total / count) with half the operations per
-    update (Mean broadcasts and sums its weights for tensors of any shape)."""
+class _StepMetrics(keras.metrics.Metric):
+    """The Distiller's own metrics as one: the mean of each loss, weighted by
+    the batch size as Keras' loss tracker weighs its batches, and the count of
+    skipped samples. One update per step for all of them (a metric per value
+    costs several operations per update and per result)."""
 
-    def __init__(self, name):
+    def __init__(self, loss_names, name="distiller_metrics"):
         super().__init__(name=name)
-        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+        self.loss_names = list(loss_names)
+        self.totals = self.add_variable(
+            shape=(len(self.loss_names),), initializer="zeros", name="totals"
+        )
         self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+        self.skipped = self.add_variable(
+            shape=(), initializer="zeros", name="skipped_samples"
+        )
 
-    def update_state(self, value, batch):
-        self.total.assign_add(ops.cast(value, self.dtype) * batch)
+    def update_state(self, losses, batch, skipped):
+        """`losses`: the float32 scalars in the order of `loss_names`."""
+        if self.loss_names:
+            self.totals.assign_add(ops.stack(losses) * batch)
         self.count.assign_add(batch)
+        self.skipped.assign_add(skipped)
 
     def result(self):
-        return ops.divide_no_nan(self.total, self.count)
+        means = ops.divide_no_nan(self.totals, self.count)
+        results = {name: means[i] for i, name in enumerate(self.loss_names)}
+        return {**results, "skipped_samples": ops.cast(self.skipped, self.dtype)}
 
 
 @keras.saving.register_keras_serializable(package="keras_gramkd")
@@ -279,13 +291,10 @@ class Distiller(keras.Model):
         )
         self.modality_names = self._active.modality_names
 
-        self.task_loss_tracker = (
-            _LossMean(name="task_loss") if self.task_weight > 0 else None
+        task_metric = ["task_loss"] if self.task_weight > 0 else []
+        self.step_metrics = _StepMetrics(
+            task_metric + [f"{term.name}_loss" for term in self._active]
         )
-        self.term_trackers = [
-            _LossMean(name=f"{term.name}_loss") for term in self._active
-        ]
-        self.skipped_samples_tracker = keras.metrics.Sum(name="skipped_samples")
         self._guard = StepGuard(
             self._teacher, self._student, checks_mask=bool(self.modality_names)
         )
@@ -541,9 +550,6 @@ class Distiller(keras.Model):
         values = None
         if task is not None and y is not None:
             ok, values = task.check_rows(y, y_pred, ok)
-        self.skipped_samples_tracker.update_state(
-            ops.sum(1.0 - ops.cast(ok, "float32"))
-        )
 
         # 3. The bad rows left out with where() (never NaN·0) and weight 0.
         def drop(tree):
@@ -564,52 +570,51 @@ class Distiller(keras.Model):
         )
 
         # 4. The task loss and each term's, weighted and summed.
-        total = ops.zeros((), dtype="float32")
+        weights, losses = [], []
         if task is not None:
-            value = task(y, y_pred, weight, ok, values)
-            total = total + self.task_weight * self._track_loss(
-                self.task_loss_tracker, value, y_pred
-            )
+            weights.append(self.task_weight)
+            losses.append(task(y, y_pred, weight, ok, values))
         if self._active:
-            losses = self._active.losses(
-                x,
-                (y_pred, drop(student.features)),
-                student.mask,
-                weight,
-                drop(teacher),
-                drop(cached),
-            )
-            for term, tracker, value in zip(
-                self._active, self.term_trackers, losses, strict=True
-            ):
-                weight_variable = term.loss_weight.variable
-                total = total + weight_variable * self._track_loss(
-                    tracker, value, y_pred
+            weights.extend(term.loss_weight.variable for term in self._active)
+            losses.extend(
+                self._active.losses(
+                    x,
+                    (y_pred, drop(student.features)),
+                    student.mask,
+                    weight,
+                    drop(teacher),
+                    drop(cached),
                 )
+            )
+        losses = [ops.cast(value, "float32") for value in losses]
+        total = ops.zeros((), dtype="float32")
+        for w, value in zip(weights, losses, strict=True):
+            total = total + w * value
         for extra in self.losses:  # the student's regularisation losses
             # Summed and scaled for replicas, as Keras' TensorFlow trainer does.
             total = total + scale_for_replicas(ops.sum(ops.cast(extra, "float32")))
 
-        # 5. The compiled metrics, on the good rows.
+        # 5. The metrics, on the good rows.
+        self._update_step_metrics(losses, ok, y_pred)
         if self._compiled_metrics:
             self._update_compiled_metrics(x, y, y_pred, sample_weight, ok)
         return total
 
-    @staticmethod
-    def _track_loss(tracker, value, y_pred):
-        """`value` as float32, after adding it to its tracker.
+    def _update_step_metrics(self, losses, ok, y_pred):
+        """Adds the step's losses and skipped samples to `step_metrics`.
 
-        Every value is Keras' sum(w · loss) / batch; the trackers weigh each
-        batch by its size, as Keras' own loss tracker does, so that evaluate's
-        task_loss equals student.evaluate's loss. Under tf.distribute every
-        value is already divided by the replica count (Keras' convention:
-        summed replica gradients are the global batch's); the metrics report
-        the undivided values, as Keras' do.
+        Every loss is Keras' sum(w · loss) / batch; each batch weighs by its
+        size, as in Keras' own loss tracker, so that evaluate's task_loss
+        equals student.evaluate's loss. Under tf.distribute every value is
+        already divided by the replica count (Keras' convention: summed
+        replica gradients are the global batch's); the metrics report the
+        undivided values, as Keras' do.
         """
-        value = ops.cast(value, "float32")
         batch = ops.cast(ops.shape(y_pred)[0], "float32")
-        tracker.update_state(unscale_for_replicas(value), batch)
-        return value
+        skipped = batch - ops.sum(ops.cast(ok, "float32"))
+        self.step_metrics.update_state(
+            [unscale_for_replicas(value) for value in losses], batch, skipped
+        )
 
     def _update_compiled_metrics(self, x, y, y_pred, sample_weight, ok):
         """Updates Keras' compiled metrics with the skipped rows left out

@@ -45,9 +45,16 @@ class StepGuard:
 
     def clean_inputs(self, x):
         """(ok, x): the rows whose student inputs are finite (None: no float
-        input), and `x` with every float input of the other rows zeroed."""
+        input), and `x` with the student's float inputs of the other rows
+        zeroed (the rest of a dict batch is cleaned in `compute_loss`, once
+        the good rows are known)."""
         ok = finite_samples(self.student.select_inputs(x))
-        return ok, (x if ok is None else zero_bad_samples(x, ok))
+        if ok is None:
+            return ok, x
+        keys = self.student.input_keys(x)
+        if keys is None:
+            return ok, zero_bad_samples(x, ok)
+        return ok, {**x, **zero_bad_samples({key: x[key] for key in keys}, ok)}
 
     def data_rows(self, x, y, y_pred, sample_weight, task, teacher_runs, inputs_ok):
         """(batch,) bool (or None: nothing to check) from the batch's data: the
