@@ -8,12 +8,14 @@ imported; without it, Keras' own choice holds (KERAS_BACKEND, else
     gramkd export student.keras --format tflite onnx --out export_dir/
 
 Arguments are checked before any import of keras or of an optional extra, so a
-wrong argument is reported at once.
+wrong argument is reported at once; then a missing extra is named (`demo` and
+`tune` need the ``cli`` extra: rich, and matplotlib for the demo's figures).
 """
 
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import sys
 
@@ -39,6 +41,12 @@ COMMANDS = {
         "keras_gramkd.export.cli",
         "run_export",
     ),
+}
+# The extra a subcommand needs beyond the library, and the modules it installs
+# (checked before anything is imported).
+COMMAND_EXTRAS = {
+    "demo": ("cli", ("rich", "matplotlib")),
+    "tune": ("cli", ("rich",)),
 }
 # The package each Keras backend needs (each is an extra of keras-gramkd).
 BACKEND_PACKAGES = ("tensorflow", "jax", "torch")
@@ -73,11 +81,31 @@ def build_parser():
     return parser
 
 
+def missing_extra(command):
+    """The error line naming the extra `command` needs, or None if installed.
+
+    >>> missing_extra("export") is None
+    True
+    """
+    extra, modules = COMMAND_EXTRAS.get(command, (None, ()))
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (
+        f"gramkd {command}: error: {', '.join(missing)} not installed; install the "
+        f'{extra} extra: pip install "keras-gramkd[{extra}]"'
+    )
+
+
 def main(argv=None):
     """Entry point of the `gramkd` console script; returns the exit code."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
+    missing = missing_extra(args.command)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     _, _, module, run = COMMANDS[args.command]
     try:
         command = importlib.import_module(module)

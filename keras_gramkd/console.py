@@ -4,6 +4,9 @@ Piped to a file, rich would wrap every table at 80 columns and cut cells
 (`label…`); here a piped console is wide, colourless, and its tables are
 Markdown, so `gramkd demo > log.md` reads as it prints.
 
+`make_console` and `new_table` import rich when called (the ``cli`` extra);
+`markdown_table` is plain Python, used by the library's `StudyResult` as well.
+
 >>> import io
 >>> console = make_console(file=io.StringIO())
 >>> table = new_table(console)
