@@ -123,26 +123,31 @@ def _spec_view(spec, features, pooled):
     """
     if spec is None:
         return None
-    if not isinstance(spec, dict):
-        return features[spec.address]
-    view = {}
-    for name, feature in spec.items():
+
+    def view(feature):
+        if feature.pool is None:  # a single address, as the layer outputs it
+            return features[feature.address]
         key = (feature.address, feature.pool)
         if key not in pooled:
             pooled[key] = pool_tokens(features[feature.address], feature.pool)
-        view[name] = pooled[key]
-    return view
+        return pooled[key]
+
+    if isinstance(spec, dict):
+        return {name: view(feature) for name, feature in spec.items()}
+    return view(spec)
 
 
 def _spec_shapes(spec, shapes):
     """The shapes a term's `check_features` gets, from the network's {path: shape}:
-    (batch, d) per modality for a dict spec, the stacked shape otherwise."""
+    (batch, d) for each pooled feature, the layer's output shape otherwise."""
+
+    def shape(feature):
+        found = shapes[feature.address]
+        return found if feature.pool is None else (found[0], found[-1])
+
     if isinstance(spec, dict):
-        return {
-            name: (shapes[f.address][0], shapes[f.address][-1])
-            for name, f in spec.items()
-        }
-    return shapes[spec.address] if spec is not None else None
+        return {name: shape(feature) for name, feature in spec.items()}
+    return shape(spec) if spec is not None else None
 
 
 class ActiveTerms:

@@ -29,7 +29,7 @@ from keras_gramkd.cache.sources import (
     split_element,
 )
 from keras_gramkd.saving import atomic_save
-from keras_gramkd.terms import TARGET_PREFIX
+from keras_gramkd.terms import TARGET_PREFIX, as_spec, spec_config
 
 FORMAT_NAME = "keras_gramkd.TeacherCache"
 FORMAT_VERSION = 2
@@ -59,6 +59,18 @@ def _term_settings(distiller):
     """What the cached targets depend on besides the teacher's weights, as
     JSON (so that a loaded cache compares equal)."""
     return json.loads(json.dumps(distiller.target_settings()))
+
+
+def _read_settings(term_settings):
+    """Term settings read from a file, their teacher features in the config
+    form written now (a cache saved before pooling applied to single
+    addresses holds the older form, `keras_gramkd.features.as_feature`)."""
+    settings = json.loads(json.dumps(term_settings))
+    for name, setting in settings.items():
+        if setting.get("teacher_features") is not None:
+            spec = as_spec(setting["teacher_features"], f"cached term {name!r}")
+            setting["teacher_features"] = spec_config(spec)
+    return settings
 
 
 class _TeacherTargets(keras.Model):
@@ -424,7 +436,7 @@ class TeacherCache:
             metadata["checksum_keys"],
             arrays["batch_sizes"],
             metadata["fingerprint"],
-            metadata["term_settings"],
+            _read_settings(metadata["term_settings"]),
             metadata["dtype"],
         )
 
