@@ -62,7 +62,8 @@ def short_form_terms(
 
 
 def check_terms(terms):
-    """`terms` as a list; raises for a non-term or a name that cannot be a metric."""
+    """`terms` as a list; raises for a non-term, a name that cannot be a
+    metric, or a term another Distiller has taken."""
     if isinstance(terms, DistillationTerm):
         raise TypeError(
             f"terms must be a list of terms; got the single term "
@@ -81,6 +82,15 @@ def check_terms(terms):
                 "terms must be a list of keras_gramkd.DistillationTerm (KDTerm, "
                 f"GramTerm, or your subclass); got {type(term).__name__}."
             )
+    taken = [term.name for term in terms if term.in_distiller]
+    if taken:
+        raise ValueError(
+            f"Term(s) {taken} already belong to another Distiller. A term holds "
+            "its weight variable (a FitNetTerm also its regressor), so two "
+            "Distillers would share them: setting or training one would change "
+            "the other. Give each Distiller its own term objects: build them "
+            "again, or copy one with type(term).from_config(term.get_config())."
+        )
     names = [term.name for term in terms]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -153,7 +163,9 @@ def _spec_shapes(spec, shapes):
 class ActiveTerms:
     """The terms of a Distiller whose weight is not 0, wired to its networks.
 
-    Iterates over those terms, in order; false when there is none.
+    Iterates over those terms, in order; false when there is none. Once
+    their features are resolved, all the terms belong to this Distiller
+    (`check_terms` refuses them to another one).
 
     Args:
         terms: the Distiller's terms (weight 0 ones are left out).
@@ -175,6 +187,8 @@ class ActiveTerms:
         # The mask only acts on terms that take it: with those off (a KD-only
         # run of a student built with ModalityDropout) there is nothing to mask.
         self._add_features(student_mask_layer if self.uses_mask else None)
+        for term in terms:
+            term.in_distiller = True
 
     def __iter__(self):
         return iter(self.terms)

@@ -186,6 +186,8 @@ class DistillationTerm(keras.layers.Layer):
         self.student_features = as_spec(
             student_features, f"student_features of term {self.name!r}"
         )
+        self.in_distiller = False
+        """True once a Distiller has taken the term: it belongs to that one."""
         # A term is never called as a layer: it has nothing for Keras to build,
         # and an unbuilt one would make Keras trace the Distiller symbolically
         # (one extra student call) at every fit and evaluate. A term with
