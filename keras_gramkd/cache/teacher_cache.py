@@ -6,6 +6,7 @@ it is safe; `checksums` and `sources` hold its two helpers' concerns.
 
 import hashlib
 import json
+import warnings
 import weakref
 import zipfile
 
@@ -39,6 +40,7 @@ FLOAT16_LOSS_TOLERANCE = 1e-3
 cache that the tests accept (measured: up to 2e-4, see the module docstring)."""
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+_FLOAT16_TINY = float(np.finfo(np.float16).tiny)
 
 
 def teacher_fingerprint(teacher):
@@ -107,15 +109,34 @@ def _to_storage(targets, dtype):
     if dtype == "float32":
         return {key: value.astype(np.float32) for key, value in targets.items()}
     for key, value in targets.items():
-        finite = value[np.isfinite(value)]
-        largest = float(np.abs(finite).max()) if finite.size else 0.0
+        finite = np.abs(value[np.isfinite(value)].astype(np.float64))
+        largest = float(finite.max()) if finite.size else 0.0
         if largest > _FLOAT16_MAX:
             raise ValueError(
                 f"{key} holds values up to {largest:.4g}, beyond float16's "
                 f"range (±{_FLOAT16_MAX:.0f}). Build the cache with "
                 "dtype='float32'."
             )
+        _warn_subnormal(key, finite)
     return {key: value.astype(np.float16) for key, value in targets.items()}
+
+
+def _warn_subnormal(key, magnitudes):
+    """Warns when nonzero |values| lie below float16's smallest normal number,
+    where float16 keeps fewer bits (and flushes below about 6e-8 to 0)."""
+    small = magnitudes[(magnitudes > 0) & (magnitudes < _FLOAT16_TINY)]
+    if not small.size:
+        return
+    stored = small.astype(np.float16).astype(np.float64)
+    worst = float(np.max(np.abs(stored - small) / small))
+    warnings.warn(
+        f"{key} holds {small.size} nonzero value(s) below float16's smallest "
+        f"normal number ({_FLOAT16_TINY:.3g}); stored in float16 they lose "
+        f"precision (worst relative error {worst:.3g}; below about 6e-8 they "
+        "become 0). Build the cache with dtype='float32' to keep them.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 class TeacherCache:
