@@ -9,7 +9,9 @@ A feature *address* names the layer whose output a distillation term reads:
 
 `Feature(address, pool=...)` adds how a token embedding (batch, T, d) or a
 feature map (batch, H, W, d) becomes one (batch, d) vector: `"mean"` over the
-middle axes (default), `"first"` (a CLS token) or `"max"`.
+middle axes, `"first"` (a CLS token) or `"max"`. Left out (None), a modality
+of a dict is mean-pooled and a term's single address is read as the layer
+outputs it.
 
 `FeatureExtractor(model, role, addresses)` builds, once, a functional view of
 the model that returns its output *and* the outputs of the addressed layers
@@ -36,6 +38,7 @@ Example:
 """
 
 import difflib
+import warnings
 
 import keras
 from keras import ops
@@ -49,18 +52,22 @@ class Feature:
     Args:
         address: a layer name, a `/`-joined path through nested models, or a
             layer object.
-        pool: `"mean"` (default), `"first"` or `"max"`: how a (batch, T, d)
-            or (batch, H, W, d) output becomes (batch, d). (batch, d) outputs
+        pool: `"mean"`, `"first"` or `"max"`: how a (batch, T, d) or
+            (batch, H, W, d) output becomes (batch, d). (batch, d) outputs
             are used as they are. `"first"` takes token 0 of a sequence (a
-            CLS token) and needs a (batch, T, d) output.
+            CLS token) and needs a (batch, T, d) output. None (default):
+            `"mean"` for a modality of a dict, and no pooling for a term's
+            single address (the layer's output as it is).
 
     Example:
 
     >>> Feature("text_encoder/tokens", pool="first")
     Feature('text_encoder/tokens', pool='first')
+    >>> Feature("t_fused").get_config()
+    {'address': 't_fused', 'pooling': None}
     """
 
-    def __init__(self, address, pool="mean"):
+    def __init__(self, address, pool=None):
         if isinstance(address, Feature):
             address, pool = address.address, address.pool
         if not isinstance(address, (str, keras.layers.Layer)) or address == "":
@@ -68,10 +75,10 @@ class Feature:
                 "A feature address must be a layer name, a path like "
                 f"'encoder/embed', or a layer object; got {address!r}."
             )
-        if pool not in POOLINGS:
+        if pool is not None and pool not in POOLINGS:
             raise ValueError(
                 f"Unknown pooling {pool!r} for feature {_label(address)}. Use one "
-                f"of {', '.join(repr(p) for p in POOLINGS)}."
+                f"of {', '.join(repr(p) for p in POOLINGS)}, or None."
             )
         self.address = address
         self.pool = pool
@@ -80,19 +87,56 @@ class Feature:
         return f"Feature({_label(self.address)}, pool={self.pool!r})"
 
     def get_config(self):
-        """A JSON-able config; a layer object is stored by its name."""
+        """A JSON-able config; a layer object is stored by its name.
+
+        The pooling is stored under `"pooling"`: configs saved before
+        pooling applied to single addresses hold `"pool"` (see `as_feature`).
+        """
         address = self.address
         if isinstance(address, keras.layers.Layer):
             address = address.name
-        return {"address": address, "pool": self.pool}
+        return {"address": address, "pooling": self.pool}
 
 
-def as_feature(spec):
-    """`spec` (a Feature, an address or a `{"address", "pool"}` dict) as a
-    `Feature`."""
+def as_feature(spec, modality=False):
+    """`spec` (a Feature, an address or a config dict) as a new `Feature`.
+
+    Args:
+        spec: a `Feature`, an address, or a `{"address", "pooling"}` dict.
+        modality: True for one modality of a dict, whose pool defaults to
+            `"mean"`; False for a term's single address.
+
+    A dict with the key `"pool"` instead of `"pooling"` is a config saved
+    before pooling applied to single addresses: a modality keeps its pool,
+    and a single address is read as the layer outputs it, as it was then
+    (with a warning when that pool was not the default `"mean"`).
+    """
     if isinstance(spec, dict) and "address" in spec:
-        return Feature(spec["address"], spec.get("pool", "mean"))
-    return Feature(spec)
+        feature = _from_config(spec, modality)
+    else:
+        feature = Feature(spec)
+    if modality and feature.pool is None:
+        feature.pool = "mean"
+    return feature
+
+
+def _from_config(config, modality):
+    address = config["address"]
+    if "pooling" in config or "pool" not in config:
+        return Feature(address, config.get("pooling"))
+    legacy = config["pool"]
+    if modality:
+        return Feature(address, legacy)
+    if legacy != "mean":
+        warnings.warn(
+            f"Feature {_label(address)} has the config key 'pool' ({legacy!r}), "
+            "written before pooling applied to a term's single address: that "
+            "pool was ignored then and is ignored now (the layer's output is "
+            f"read as it is). To pool it, give Feature({address!r}, "
+            f"pool={legacy!r}) (config key 'pooling').",
+            stacklevel=4,
+        )
+    return Feature(address)
 
 
 def _label(address):
@@ -106,8 +150,8 @@ def pool_tokens(tensor, pool="mean"):
 
     Args:
         tensor: the features; the last axis is the embedding width.
-        pool: `"mean"` or `"max"` over the middle axes, or `"first"` (token 0
-            of a (batch, T, d) sequence).
+        pool: `"mean"` (or None, a modality's default) or `"max"` over the
+            middle axes, or `"first"` (token 0 of a (batch, T, d) sequence).
 
     Example:
 

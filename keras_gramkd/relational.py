@@ -13,9 +13,11 @@ a `DistillationTerm` with its own weight and `<name>_loss` metric:
   M × M one.
 
 SP, RKD, PKT and FitNet read one feature address per network (a fused
-embedding, say; widths may differ); `ModalitySPTerm` reads a dict modality
-name -> address, as `GramTerm` does. The losses are `keras_gramkd.ops`
-functions; see them for the formulas and the reference code's conventions.
+embedding, say; widths may differ), as the layer outputs it or, given a
+`Feature(address, pool=...)`, its tokens pooled to (batch, d);
+`ModalitySPTerm` reads a dict modality name -> address, as `GramTerm` does.
+The losses are `keras_gramkd.ops` functions; see them for the formulas and
+the reference code's conventions.
 
 Batches, weights and masks. SP, RKD, PKT and per-modality SP relate the
 samples of a batch to each other, so their value is not a mean of per-sample
@@ -272,7 +274,8 @@ class FitNetTerm(_RelationTerm):
     is never part of the student, so a saved or exported student does not
     hold it. The paper's regressor is a convolution for feature maps; here
     feature maps (batch, ..., d) must match the teacher's but for the last
-    axis, and the regressor maps that axis.
+    axis, and the regressor maps that axis (or pool them: `Feature(address,
+    pool=...)`).
 
     Args:
         teacher_features: one address of the teacher's feature (batch, ..., d_t).
@@ -307,7 +310,8 @@ class FitNetTerm(_RelationTerm):
                 f"In FitNet term {self.name!r} the teacher's feature has shape "
                 f"{teacher_shapes} and the student's {student_shapes}: they "
                 "may differ in the last axis only (the regressor maps it). "
-                "Pool or reshape one of them to match."
+                "Pool them, e.g. Feature(address, pool='mean'), or reshape "
+                "one of them to match."
             )
         self.build_regressor(student_shapes[-1], teacher_shapes[-1])
 

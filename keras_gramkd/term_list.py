@@ -62,7 +62,8 @@ def short_form_terms(
 
 
 def check_terms(terms):
-    """`terms` as a list; raises for a non-term or a name that cannot be a metric."""
+    """`terms` as a list; raises for a non-term, a name that cannot be a
+    metric, or a term another Distiller has taken."""
     if isinstance(terms, DistillationTerm):
         raise TypeError(
             f"terms must be a list of terms; got the single term "
@@ -81,6 +82,15 @@ def check_terms(terms):
                 "terms must be a list of keras_gramkd.DistillationTerm (KDTerm, "
                 f"GramTerm, or your subclass); got {type(term).__name__}."
             )
+    taken = [term.name for term in terms if term.in_distiller]
+    if taken:
+        raise ValueError(
+            f"Term(s) {taken} already belong to another Distiller. A term holds "
+            "its weight variable (a FitNetTerm also its regressor), so two "
+            "Distillers would share them: setting or training one would change "
+            "the other. Give each Distiller its own term objects: build them "
+            "again, or copy one with type(term).from_config(term.get_config())."
+        )
     names = [term.name for term in terms]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -123,32 +133,39 @@ def _spec_view(spec, features, pooled):
     """
     if spec is None:
         return None
-    if not isinstance(spec, dict):
-        return features[spec.address]
-    view = {}
-    for name, feature in spec.items():
+
+    def view(feature):
+        if feature.pool is None:  # a single address, as the layer outputs it
+            return features[feature.address]
         key = (feature.address, feature.pool)
         if key not in pooled:
             pooled[key] = pool_tokens(features[feature.address], feature.pool)
-        view[name] = pooled[key]
-    return view
+        return pooled[key]
+
+    if isinstance(spec, dict):
+        return {name: view(feature) for name, feature in spec.items()}
+    return view(spec)
 
 
 def _spec_shapes(spec, shapes):
     """The shapes a term's `check_features` gets, from the network's {path: shape}:
-    (batch, d) per modality for a dict spec, the stacked shape otherwise."""
+    (batch, d) for each pooled feature, the layer's output shape otherwise."""
+
+    def shape(feature):
+        found = shapes[feature.address]
+        return found if feature.pool is None else (found[0], found[-1])
+
     if isinstance(spec, dict):
-        return {
-            name: (shapes[f.address][0], shapes[f.address][-1])
-            for name, f in spec.items()
-        }
-    return shapes[spec.address] if spec is not None else None
+        return {name: shape(feature) for name, feature in spec.items()}
+    return shape(spec) if spec is not None else None
 
 
 class ActiveTerms:
     """The terms of a Distiller whose weight is not 0, wired to its networks.
 
-    Iterates over those terms, in order; false when there is none.
+    Iterates over those terms, in order; false when there is none. Once
+    their features are resolved, all the terms belong to this Distiller
+    (`check_terms` refuses them to another one).
 
     Args:
         terms: the Distiller's terms (weight 0 ones are left out).
@@ -170,6 +187,8 @@ class ActiveTerms:
         # The mask only acts on terms that take it: with those off (a KD-only
         # run of a student built with ModalityDropout) there is nothing to mask.
         self._add_features(student_mask_layer if self.uses_mask else None)
+        for term in terms:
+            term.in_distiller = True
 
     def __iter__(self):
         return iter(self.terms)

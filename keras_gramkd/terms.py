@@ -20,7 +20,8 @@ Because the targets are all a term needs from the teacher,
 class, under the batch keys `"teacher/<term name>/<target key>"`.
 
 Features given as a dict reach the term pooled to (batch, d) per modality
-(`Feature.pool`); a single address reaches it as the layer outputs it.
+(`Feature.pool`, "mean" by default); a single address reaches it as the
+layer outputs it, or pooled to (batch, d) when its `Feature` names a pool.
 Terms are Keras layers, so a term may own weights (a regressor, say): they
 train with the student and are never part of the saved or exported student.
 
@@ -49,7 +50,7 @@ from keras import ops
 
 from keras_gramkd import ops as kd_ops
 from keras_gramkd.checks import check_number
-from keras_gramkd.features import as_feature
+from keras_gramkd.features import Feature, as_feature
 from keras_gramkd.layers import stack_modalities
 from keras_gramkd.losses import LogitKD, ModalityGram, check_temperature
 from keras_gramkd.replicas import scale_for_replicas
@@ -72,19 +73,19 @@ def as_spec(spec, what):
     """None, one `Feature`, or a dict modality name -> `Feature`."""
     if spec is None:
         return None
-    if isinstance(spec, dict) and not set(spec) <= {"address", "pool"}:
+    if isinstance(spec, dict) and not set(spec) <= {"address", "pool", "pooling"}:
         if not spec or not all(isinstance(k, str) and k for k in spec):
             raise ValueError(
                 f"{what} must map modality names (non-empty strings) to "
                 f"feature addresses; got {spec!r}."
             )
-        return {name: _feature(value, what) for name, value in spec.items()}
-    return _feature(spec, what)
+        return {name: _feature(value, what, True) for name, value in spec.items()}
+    return _feature(spec, what, False)
 
 
-def _feature(value, what):
+def _feature(value, what, modality):
     try:
-        return as_feature(value)
+        return as_feature(value, modality)
     except ValueError as error:
         raise ValueError(f"{what}: {error}") from None
 
@@ -112,7 +113,8 @@ class NetworkOutputs:
         logits: (batch, classes), the network's output.
         features: the term's features: a dict modality name -> (batch, d)
             tensor (pooled) when the term names modalities, the layer's output
-            when it names one address, None when it names none.
+            (pooled to (batch, d) if its `Feature` names a pool) when it names
+            one address, None when it names none.
     """
 
     def __init__(self, logits, features=None):
@@ -184,6 +186,8 @@ class DistillationTerm(keras.layers.Layer):
         self.student_features = as_spec(
             student_features, f"student_features of term {self.name!r}"
         )
+        self.in_distiller = False
+        """True once a Distiller has taken the term: it belongs to that one."""
         # A term is never called as a layer: it has nothing for Keras to build,
         # and an unbuilt one would make Keras trace the Distiller symbolically
         # (one extra student call) at every fit and evaluate. A term with
@@ -338,6 +342,29 @@ class ModalityTerm(DistillationTerm):
     """
 
     uses_mask = True
+
+    def __init__(
+        self,
+        weight=1.0,
+        teacher_features=None,
+        student_features=None,
+        name=None,
+        **kwargs,
+    ):
+        super().__init__(weight, teacher_features, student_features, name, **kwargs)
+        for role, spec in (
+            ("teacher_features", self.teacher_features),
+            ("student_features", self.student_features),
+        ):
+            if isinstance(spec, Feature) and spec.pool is not None:
+                raise ValueError(
+                    f"In {type(self).__name__} {self.name!r}, {role} is one "
+                    f"address with pool={spec.pool!r}; a single address must "
+                    "output the stacked (batch, M, d) embeddings, whose middle "
+                    "axis is the modalities, so it cannot be pooled. Leave the "
+                    "pool out, or pass a dict modality name -> Feature(address, "
+                    "pool=...) to pool each modality's tokens."
+                )
 
     def check_modalities_align(self):
         """Raises unless the student's modality names are among the teacher's."""

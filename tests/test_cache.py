@@ -3,6 +3,7 @@ teacher, the targets follow their samples, and stale caches fail clearly."""
 
 import json
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -167,6 +168,36 @@ def test_float16_refuses_targets_beyond_its_range():
     x, _ = make_data(n=8)
     with pytest.raises(ValueError, match=r"beyond float16's range.*dtype='float32'"):
         TeacherCache.build(build_distiller(teacher=teacher), x, dtype="float16")
+
+
+def test_float16_warns_of_targets_below_its_smallest_normal_number():
+    """Logits ~1e-5 (and one column ~0.5): the small ones lose bits in float16."""
+    teacher = make_net("t", 16)
+    layer = teacher.get_layer("t_logits")
+    kernel, _ = layer.get_weights()
+    layer.set_weights([kernel * 1e-5, np.array([0.5, 0.0, 1e-4], "float32")])
+    x, _ = make_data(n=16)
+    distiller = build_distiller((1.0, 1.0, 0.0), teacher=teacher)
+    exact = TeacherCache.build(distiller, x).targets[LOGITS].astype(np.float64)
+    small = np.abs(exact[(exact != 0) & (np.abs(exact) < 2.0**-14)])
+    stored = small.astype(np.float16).astype(np.float64)
+    worst = np.max(np.abs(stored - small) / small)
+    assert small.size >= 16 and worst > 1e-3  # float32 keeps them to 6e-8
+    message = (
+        rf"teacher/kd/logits holds {small.size} nonzero value\(s\) below "
+        r"float16's smallest normal number \(6.1e-05\); stored in float16 they "
+        rf"lose precision \(worst relative error {worst:.3g}; below about 6e-8 "
+        r"they become 0\)\. Build the cache with dtype='float32' to keep them\."
+    )
+    with pytest.warns(UserWarning, match=message):
+        half = TeacherCache.build(distiller, x, dtype="float16")
+    np.testing.assert_array_equal(half.targets[LOGITS], exact.astype(np.float16))
+    layer.set_weights([kernel * 1e-5, np.full(3, 0.5, "float32")])  # all normal
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        TeacherCache.build(
+            build_distiller((1.0, 1.0, 0.0), teacher=teacher), x, dtype="float16"
+        )
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -115,7 +115,10 @@ mfeat digits with the demo's trained teacher (logits up to 10.5, T=4), the KD
 loss moved by 1.7e-4 (of 11.4: 1.5e-5 relative) and the Gram loss by 3e-7;
 three epochs of training from either cache stayed within 3e-4 of each other.
 The tests accept `FLOAT16_LOSS_TOLERANCE`. A target beyond float16's range
-(±65504) is refused at build time.
+(±65504) is refused at build time; nonzero targets below its smallest normal
+number (6.1e-5), where float16 keeps fewer bits and flushes values below
+about 6e-8 to 0, give a `UserWarning` with the key, their count and the worst
+relative error.
 
 File format (`save` / `load`): one uncompressed `.npz` file (numpy's zip of
 `.npy` arrays, read without pickle) holding the target arrays, `checksums`

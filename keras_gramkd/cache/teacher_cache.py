@@ -6,6 +6,7 @@ it is safe; `checksums` and `sources` hold its two helpers' concerns.
 
 import hashlib
 import json
+import warnings
 import weakref
 import zipfile
 
@@ -29,7 +30,7 @@ from keras_gramkd.cache.sources import (
     split_element,
 )
 from keras_gramkd.saving import atomic_save
-from keras_gramkd.terms import TARGET_PREFIX
+from keras_gramkd.terms import TARGET_PREFIX, as_spec, spec_config
 
 FORMAT_NAME = "keras_gramkd.TeacherCache"
 FORMAT_VERSION = 2
@@ -39,6 +40,7 @@ FLOAT16_LOSS_TOLERANCE = 1e-3
 cache that the tests accept (measured: up to 2e-4, see the module docstring)."""
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+_FLOAT16_TINY = float(np.finfo(np.float16).tiny)
 
 
 def teacher_fingerprint(teacher):
@@ -59,6 +61,18 @@ def _term_settings(distiller):
     """What the cached targets depend on besides the teacher's weights, as
     JSON (so that a loaded cache compares equal)."""
     return json.loads(json.dumps(distiller.target_settings()))
+
+
+def _read_settings(term_settings):
+    """Term settings read from a file, their teacher features in the config
+    form written now (a cache saved before pooling applied to single
+    addresses holds the older form, `keras_gramkd.features.as_feature`)."""
+    settings = json.loads(json.dumps(term_settings))
+    for name, setting in settings.items():
+        if setting.get("teacher_features") is not None:
+            spec = as_spec(setting["teacher_features"], f"cached term {name!r}")
+            setting["teacher_features"] = spec_config(spec)
+    return settings
 
 
 class _TeacherTargets(keras.Model):
@@ -95,15 +109,34 @@ def _to_storage(targets, dtype):
     if dtype == "float32":
         return {key: value.astype(np.float32) for key, value in targets.items()}
     for key, value in targets.items():
-        finite = value[np.isfinite(value)]
-        largest = float(np.abs(finite).max()) if finite.size else 0.0
+        finite = np.abs(value[np.isfinite(value)].astype(np.float64))
+        largest = float(finite.max()) if finite.size else 0.0
         if largest > _FLOAT16_MAX:
             raise ValueError(
                 f"{key} holds values up to {largest:.4g}, beyond float16's "
                 f"range (±{_FLOAT16_MAX:.0f}). Build the cache with "
                 "dtype='float32'."
             )
+        _warn_subnormal(key, finite)
     return {key: value.astype(np.float16) for key, value in targets.items()}
+
+
+def _warn_subnormal(key, magnitudes):
+    """Warns when nonzero |values| lie below float16's smallest normal number,
+    where float16 keeps fewer bits (and flushes below about 6e-8 to 0)."""
+    small = magnitudes[(magnitudes > 0) & (magnitudes < _FLOAT16_TINY)]
+    if not small.size:
+        return
+    stored = small.astype(np.float16).astype(np.float64)
+    worst = float(np.max(np.abs(stored - small) / small))
+    warnings.warn(
+        f"{key} holds {small.size} nonzero value(s) below float16's smallest "
+        f"normal number ({_FLOAT16_TINY:.3g}); stored in float16 they lose "
+        f"precision (worst relative error {worst:.3g}; below about 6e-8 they "
+        "become 0). Build the cache with dtype='float32' to keep them.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 class TeacherCache:
@@ -424,7 +457,7 @@ class TeacherCache:
             metadata["checksum_keys"],
             arrays["batch_sizes"],
             metadata["fingerprint"],
-            metadata["term_settings"],
+            _read_settings(metadata["term_settings"]),
             metadata["dtype"],
         )
 
