@@ -504,6 +504,11 @@ class Distiller(keras.Model):
             raise ValueError(
                 f"The Distiller got no inputs (None). {EMPTY_DATA_MESSAGE}"
             )
+        if not self.teacher.built:
+            # A subclassed teacher builds on its first call: here, in Keras'
+            # symbolic build, not inside a traced step (where on JAX its new
+            # variables would have no value).
+            self._teacher.forward(inputs, False)
         inputs_ok = None
         if training:  # clean before the forward pass: no NaN in the gradient
             inputs_ok, inputs = self._guard.clean_inputs(inputs)

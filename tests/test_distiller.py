@@ -492,3 +492,30 @@ def test_the_guard_decides_the_rows_once_per_step(metrics):
     history = distiller.fit(x, y, batch_size=4, epochs=1, verbose=0)
     assert len(calls) == 3
     assert history.history["skipped_samples"] == [1.0]
+
+
+def test_a_subclassed_unbuilt_teacher_trains_kd_only():
+    """A subclassed teacher, not built before fit, with KD only: it builds in
+    Keras' symbolic build, so on JAX its variables have values in the step."""
+
+    class Teacher(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = keras.layers.Dense(8, activation="relu")
+            self.out = keras.layers.Dense(3)
+
+        def call(self, inputs):
+            joined = keras.ops.concatenate([inputs[m] for m in "abc"], axis=-1)
+            return self.out(self.hidden(joined))
+
+    teacher = Teacher()
+    distiller = Distiller(teacher=teacher, student=make_net("s", 4), gram_weight=0.0)
+    distiller.compile(optimizer="adam", loss=sparse_ce())
+    x, y = make_data(16)
+    history = distiller.fit(x, y, batch_size=8, epochs=2, verbose=0).history
+    assert np.all(np.isfinite(history["kd_loss"]))
+    logits = to_np(teacher(x))
+    expected = np_logit_kd(logits, to_np(distiller.student(x)), 4.0).mean()
+    assert distiller.evaluate(x, y, verbose=0, return_dict=True)[
+        "kd_loss"
+    ] == pytest.approx(expected, rel=1e-4)
