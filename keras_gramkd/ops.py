@@ -333,14 +333,19 @@ def _tempered_kl(temperature):
     @ops.custom_gradient
     def kl(teacher, student):
         delta = teacher - student
-        d = (delta - ops.max(delta, axis=-1, keepdims=True)) / temperature
+        # δ at the student's top class: d is exactly 0 where q holds its mass.
+        top = student == ops.max(student, axis=-1, keepdims=True)
+        shift = ops.max(ops.where(top, delta, -math.inf), axis=-1, keepdims=True)
+        d = (delta - shift) / temperature
         log_q = ops.log_softmax(student / temperature, axis=-1)
         log_p = ops.log_softmax(teacher / temperature, axis=-1)
         q, p = ops.exp(log_q), ops.exp(log_p)
         mean_expm1 = ops.sum(q * ops.expm1(d), axis=-1, keepdims=True)
         # No gradient flows through the value: the branch where() discards may
-        # be NaN (log1p below -1).
-        u = ops.where(mean_expm1 > -0.5, d - ops.log1p(mean_expm1), log_p - log_q)
+        # be NaN (eᵈ overflows where q holds no mass).
+        u = ops.where(
+            ops.abs(mean_expm1) < 0.5, d - ops.log1p(mean_expm1), log_p - log_q
+        )
         terms, small = _kl_terms(q, u, p)
         kl = ops.sum(terms, axis=-1)
 
@@ -365,14 +370,16 @@ def logit_kd(teacher_logits, student_logits, temperature=4.0):
 
     The plain form Σ p·(log p − log q) subtracts nearly equal log-probabilities:
     at T = 1e5 its float32 rounding is 1000 times the value. Here
-    u = log p − log q = d − log E_q[eᵈ] with d = (δ − max δ)/T, δ = t − s, and
-    while E_q[eᵈ] > 1/2 the log is `log1p(Σ q·expm1(d))`, so u is accurate to
-    rounding relative to the spread of δ/T; otherwise (p and q far apart) u is
-    the log-softmax difference, which is then accurate. The KL is summed as
-    Σ q·(1 + (u − 1)·eᵘ): every term is ≥ 0 (no cancellation, never negative),
-    and small terms come from their series. Relative error is about
+    u = log p − log q = d − log E_q[eᵈ] with d = (δ − δₐ)/T, δ = t − s and a
+    the student's top class (so d is exactly 0 where q holds its mass), and
+    while |E_q[eᵈ] − 1| < 1/2 the log is `log1p(Σ q·expm1(d))`, so u is
+    accurate to rounding relative to the spread of δ/T; otherwise (p and q far
+    apart) u is the log-softmax difference, which is then accurate. The KL is
+    summed as Σ q·(1 + (u − 1)·eᵘ): every term is ≥ 0 (no cancellation, never
+    negative), and small terms come from their series. Relative error is about
     1e-5 or less for T from 1e-3 to 1e6 and logits up to 1e4, with the T → ∞
-    limit (1/(2C))·Σᵢ(δᵢ − mean δ)²; gradients are finite.
+    limit (1/(2C))·Σᵢ(δᵢ − mean δ)². The gradient is the closed form
+    T·(q − p) (for the student; T·p·(u − KL) for the teacher), finite.
 
     One logit per sample (a binary model's sigmoid logit z) is the Bernoulli
     distribution σ(z/T): the KL is then the binary one,
