@@ -54,29 +54,19 @@ def l2_normalize_rows(x, epsilon=NORM_EPSILON):
 
 
 def _cosine_gram(features, epsilon=NORM_EPSILON):
-    """The cosine Gram, normalised from the raw Gram's diagonal.
+    """The cosine Gram `l2_normalize_rows(x) @ l2_normalize_rows(x)ᵀ`.
 
-    Equals `l2_normalize_rows(x) @ l2_normalize_rows(x)ᵀ` (the same epsilon
-    floor, so a zero row gives a zero row and column), but the normalisation
-    costs O(batch·M²) instead of O(batch·M·d) forward and backward. Rows whose
-    largest entry exceeds 1 are first divided by it, so squaring cannot
+    The same epsilon floor, so a zero row gives a zero row and column. Rows
+    whose largest entry exceeds 1 are first divided by it, so squaring cannot
     overflow; the cosine does not depend on a row's scale, so that divisor is
     a constant for the gradient (`stop_gradient`: exact, and it saves the
     backward pass of the max).
     """
     scale = ops.maximum(ops.max(ops.abs(features), axis=-1, keepdims=True), 1.0)
     features = features / ops.stop_gradient(scale)
-    gram = ops.matmul(features, ops.transpose(features, (0, 2, 1)))
-    # The diagonal as a masked sum (exactly the diagonal entries): TensorFlow's
-    # gradient of a diagonal op fails when the incoming gradient has lost its
-    # static shape, as it does behind some Dense layers over token tensors.
-    m = gram.shape[-1]
-    if m is None:
-        squared_norms = ops.sum(ops.square(features), axis=-1)
-    else:
-        squared_norms = ops.sum(gram * ops.eye(m, dtype=gram.dtype), axis=-1)
-    inverse_norms = 1.0 / ops.sqrt(ops.maximum(squared_norms, epsilon))
-    return gram * ops.expand_dims(inverse_norms, 2) * ops.expand_dims(inverse_norms, 1)
+    squared_norms = ops.sum(ops.square(features), axis=-1, keepdims=True)
+    rows = features * ops.rsqrt(ops.maximum(squared_norms, epsilon))
+    return ops.matmul(rows, ops.transpose(rows, (0, 2, 1)))
 
 
 def pair_mask(mask):
@@ -137,8 +127,7 @@ def gram_matrix(features, normalize="l2", mask=None):
         gram = ops.matmul(features, ops.transpose(features, (0, 2, 1)))
     if normalize == "dim":
         gram = gram / float(features.shape[-1])
-    if mask is not None:
-        gram = gram * pair_mask(mask)
+    # Rows of missing modalities are zero: so are their rows and columns here.
     return gram
 
 
@@ -278,7 +267,9 @@ def gram_distance(
     check_choice("Gram target", target, GRAM_TARGETS)
     teacher_gram = ops.cast(teacher_gram, "float32")
     student_gram = ops.cast(student_gram, "float32")
-    weights = ops.ones_like(student_gram) if mask is None else pair_mask(mask)
+    weights = None if mask is None else pair_mask(mask)
+    if target == "batch_mean" or entries != "all":
+        weights = ops.ones_like(student_gram) if weights is None else weights
     sample = None
     if sample_weight is not None:
         sample = ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1, 1))
@@ -294,14 +285,31 @@ def gram_distance(
     if entries != "all":
         eye = ops.eye(student_gram.shape[-1], dtype="float32")
         weights = weights * (eye if entries == "diagonal" else 1.0 - eye)
-    # Keras' convention: sample weights multiply, masks shrink the count.
-    count = ops.sum(weights)
-    if sample is not None:
-        weights = weights * sample
     squares = ops.square(teacher_gram - student_gram)
-    return ops.divide_no_nan(
-        ops.sum(ops.where(weights != 0, squares * weights, 0.0)), count
-    )
+    # Keras' convention: sample weights multiply, masks shrink the count.
+    count = _size(squares) if weights is None else ops.sum(weights)
+    if sample is not None:
+        weights = sample if weights is None else weights * sample
+    if weights is None:
+        if isinstance(count, int) and count > 0:
+            return ops.mean(squares)
+        return ops.sum(squares) / _at_least_one(count)
+    # The count of a 0/1 mask is 0 or at least 1, and 0 only when every
+    # weight, and so the total, is 0: max(count, 1) divides no nan.
+    total = ops.sum(ops.where(weights != 0, squares * weights, 0.0))
+    return total / _at_least_one(count)
+
+
+def _size(x):
+    """The number of entries of `x`: a Python int when its shape is static."""
+    return math.prod(ops.shape(x))
+
+
+def _at_least_one(count):
+    """max(count, 1) as a float, in Python when `count` is a Python number."""
+    if isinstance(count, (int, float)):
+        return float(max(count, 1))
+    return ops.maximum(ops.cast(count, "float32"), 1.0)
 
 
 # Coefficients (k − 1)/k!, k = 8 … 2, of the series of 1 + (u − 1)·eᵘ.
