@@ -53,20 +53,32 @@ def l2_normalize_rows(x, epsilon=NORM_EPSILON):
     return x / ops.sqrt(ops.maximum(squared_norm, epsilon))
 
 
-def _cosine_gram(features, epsilon=NORM_EPSILON):
-    """The cosine Gram `l2_normalize_rows(x) @ l2_normalize_rows(x)ᵀ`.
+@ops.custom_gradient
+def _cosine_gram(features):
+    """The cosine Gram `l2_normalize_rows(x) @ l2_normalize_rows(x)ᵀ`, (batch, M, M).
 
     The same epsilon floor, so a zero row gives a zero row and column. Rows
     whose largest entry exceeds 1 are first divided by it, so squaring cannot
-    overflow; the cosine does not depend on a row's scale, so that divisor is
-    a constant for the gradient (`stop_gradient`: exact, and it saves the
-    backward pass of the max).
+    overflow. The gradient is given in closed form: for unit rows r and the
+    incoming gradient U, V = U + Uᵀ, row i gets (V·r − (Σⱼ Vᵢⱼ·Gᵢⱼ)·rᵢ)/‖xᵢ‖
+    (the projection off rᵢ; a row below the floor is not normalised).
     """
     scale = ops.maximum(ops.max(ops.abs(features), axis=-1, keepdims=True), 1.0)
-    features = features / ops.stop_gradient(scale)
-    squared_norms = ops.sum(ops.square(features), axis=-1, keepdims=True)
-    rows = features * ops.rsqrt(ops.maximum(squared_norms, epsilon))
-    return ops.matmul(rows, ops.transpose(rows, (0, 2, 1)))
+    scaled = features / scale
+    squared_norms = ops.sum(ops.square(scaled), axis=-1, keepdims=True)
+    inverse_norms = ops.rsqrt(ops.maximum(squared_norms, NORM_EPSILON))
+    rows = scaled * inverse_norms
+    gram = ops.matmul(rows, ops.transpose(rows, (0, 2, 1)))
+
+    def grad(*args, upstream=None):
+        if upstream is None:
+            (upstream,) = args
+        both = upstream + ops.transpose(upstream, (0, 2, 1))
+        along = ops.sum(both * gram, axis=-1, keepdims=True)
+        along = ops.where(squared_norms > NORM_EPSILON, along, 0.0)
+        return (ops.matmul(both, rows) - along * rows) * (inverse_norms / scale)
+
+    return gram, grad
 
 
 def pair_mask(mask):
