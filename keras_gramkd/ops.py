@@ -187,7 +187,9 @@ def sum_over_batch(values, sample_weight=None):
         values = ops.mean(values, axis=tuple(range(1, len(values.shape))))
     if sample_weight is None:
         return ops.mean(values)
-    weights = ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+    weights = ops.cast(sample_weight, "float32")
+    if len(weights.shape) != 1:
+        weights = ops.reshape(weights, (-1,))
     return ops.mean(ops.where(weights != 0, values * weights, 0.0))
 
 
@@ -451,4 +453,4 @@ def finite_gradient(x):
         finite = ops.all(ops.isfinite(upstream))
         return ops.where(finite, upstream, ops.zeros_like(upstream))
 
-    return ops.add(x, 0), grad
+    return ops.copy(x), grad
