@@ -287,3 +287,17 @@ def test_gram_distance_of_an_empty_batch_is_zero():
     )
     mask = np.zeros((0, 3), "float32")
     assert float(to_np(kd_ops.gram_distance(empty, empty, mask=mask))) == 0.0
+
+
+@pytest.mark.parametrize("weight_shape", [(4,), (4, 1)])
+def test_sum_over_batch_matches_numpy(weight_shape):
+    values = np.arange(12, dtype="float32").reshape(4, 3)
+    values[2, 1] = np.nan  # weight 0: adds exactly 0, still counts in the batch
+    sw = np.array([1.0, 0.5, 0.0, 2.0], "float32")
+    expected = (1.0 * 1 + 0.5 * 4 + 2.0 * 10) / 4
+    got = kd_ops.sum_over_batch(values, sw.reshape(weight_shape))
+    assert float(to_np(got)) == pytest.approx(expected, rel=1e-6)
+    finite = values[[0, 1, 3]]
+    assert float(to_np(kd_ops.sum_over_batch(finite))) == pytest.approx(
+        finite.mean(), rel=1e-6
+    )
