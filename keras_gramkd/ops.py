@@ -331,12 +331,12 @@ _KL_SERIES = tuple((k - 1) / math.factorial(k) for k in range(8, 1, -1))
 
 
 def _kl_terms(q, u, p):
-    """Terms q·(1 + (u − 1)·eᵘ) = q + p·(u − 1) of KL(p ‖ q), each ≥ 0.
+    """Terms q·(1 + (u − 1)·eᵘ) = q + p·(u − 1) of KL(p ‖ q), u = log p − log q.
 
-    u = log p − log q.
-    Below |u| = 0.5 a term is q·Σₖ₌₂⁸ (k − 1)/k!·uᵏ (truncation error < 4e-7
-    relative); above, the closed form, which then loses at most ~20 ulps to
-    cancellation. Returns the terms and the mask of the series' entries.
+    Each term is ≥ 0. Below |u| = 0.5 a term is q·Σₖ₌₂⁸ (k − 1)/k!·uᵏ
+    (truncation error < 4e-7 relative); above, the closed form, which then
+    loses at most ~20 ulps to cancellation. Returns the terms and the mask of
+    the series' entries.
     """
     small = ops.abs(u) < 0.5
     series = _KL_SERIES[0] * u
