@@ -53,30 +53,32 @@ def l2_normalize_rows(x, epsilon=NORM_EPSILON):
     return x / ops.sqrt(ops.maximum(squared_norm, epsilon))
 
 
-def _cosine_gram(features, epsilon=NORM_EPSILON):
-    """The cosine Gram, normalised from the raw Gram's diagonal.
+@ops.custom_gradient
+def _cosine_gram(features):
+    """The cosine Gram `l2_normalize_rows(x) @ l2_normalize_rows(x)ᵀ`, (batch, M, M).
 
-    Equals `l2_normalize_rows(x) @ l2_normalize_rows(x)ᵀ` (the same epsilon
-    floor, so a zero row gives a zero row and column), but the normalisation
-    costs O(batch·M²) instead of O(batch·M·d) forward and backward. Rows whose
-    largest entry exceeds 1 are first divided by it, so squaring cannot
-    overflow; the cosine does not depend on a row's scale, so that divisor is
-    a constant for the gradient (`stop_gradient`: exact, and it saves the
-    backward pass of the max).
+    The same epsilon floor, so a zero row gives a zero row and column. Rows
+    whose largest entry exceeds 1 are first divided by it, so squaring cannot
+    overflow. The gradient is given in closed form: for unit rows r and the
+    incoming gradient U, V = U + Uᵀ, row i gets (V·r − (Σⱼ Vᵢⱼ·Gᵢⱼ)·rᵢ)/‖xᵢ‖
+    (the projection off rᵢ; a row below the floor is not normalised).
     """
     scale = ops.maximum(ops.max(ops.abs(features), axis=-1, keepdims=True), 1.0)
-    features = features / ops.stop_gradient(scale)
-    gram = ops.matmul(features, ops.transpose(features, (0, 2, 1)))
-    # The diagonal as a masked sum (exactly the diagonal entries): TensorFlow's
-    # gradient of a diagonal op fails when the incoming gradient has lost its
-    # static shape, as it does behind some Dense layers over token tensors.
-    m = gram.shape[-1]
-    if m is None:
-        squared_norms = ops.sum(ops.square(features), axis=-1)
-    else:
-        squared_norms = ops.sum(gram * ops.eye(m, dtype=gram.dtype), axis=-1)
-    inverse_norms = 1.0 / ops.sqrt(ops.maximum(squared_norms, epsilon))
-    return gram * ops.expand_dims(inverse_norms, 2) * ops.expand_dims(inverse_norms, 1)
+    scaled = features / scale
+    squared_norms = ops.sum(ops.square(scaled), axis=-1, keepdims=True)
+    inverse_norms = ops.rsqrt(ops.maximum(squared_norms, NORM_EPSILON))
+    rows = scaled * inverse_norms
+    gram = ops.matmul(rows, ops.transpose(rows, (0, 2, 1)))
+
+    def grad(*args, upstream=None):
+        if upstream is None:
+            (upstream,) = args
+        both = upstream + ops.transpose(upstream, (0, 2, 1))
+        along = ops.sum(both * gram, axis=-1, keepdims=True)
+        along = ops.where(squared_norms > NORM_EPSILON, along, 0.0)
+        return (ops.matmul(both, rows) - along * rows) * (inverse_norms / scale)
+
+    return gram, grad
 
 
 def pair_mask(mask):
@@ -137,8 +139,7 @@ def gram_matrix(features, normalize="l2", mask=None):
         gram = ops.matmul(features, ops.transpose(features, (0, 2, 1)))
     if normalize == "dim":
         gram = gram / float(features.shape[-1])
-    if mask is not None:
-        gram = gram * pair_mask(mask)
+    # Rows of missing modalities are zero: so are their rows and columns here.
     return gram
 
 
@@ -186,7 +187,9 @@ def sum_over_batch(values, sample_weight=None):
         values = ops.mean(values, axis=tuple(range(1, len(values.shape))))
     if sample_weight is None:
         return ops.mean(values)
-    weights = ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+    weights = ops.cast(sample_weight, "float32")
+    if len(weights.shape) != 1:
+        weights = ops.reshape(weights, (-1,))
     return ops.mean(ops.where(weights != 0, values * weights, 0.0))
 
 
@@ -278,7 +281,9 @@ def gram_distance(
     check_choice("Gram target", target, GRAM_TARGETS)
     teacher_gram = ops.cast(teacher_gram, "float32")
     student_gram = ops.cast(student_gram, "float32")
-    weights = ops.ones_like(student_gram) if mask is None else pair_mask(mask)
+    weights = None if mask is None else pair_mask(mask)
+    if target == "batch_mean" or entries != "all":
+        weights = ops.ones_like(student_gram) if weights is None else weights
     sample = None
     if sample_weight is not None:
         sample = ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1, 1))
@@ -294,31 +299,92 @@ def gram_distance(
     if entries != "all":
         eye = ops.eye(student_gram.shape[-1], dtype="float32")
         weights = weights * (eye if entries == "diagonal" else 1.0 - eye)
-    # Keras' convention: sample weights multiply, masks shrink the count.
-    count = ops.sum(weights)
-    if sample is not None:
-        weights = weights * sample
     squares = ops.square(teacher_gram - student_gram)
-    return ops.divide_no_nan(
-        ops.sum(ops.where(weights != 0, squares * weights, 0.0)), count
-    )
+    # Keras' convention: sample weights multiply, masks shrink the count.
+    count = _size(squares) if weights is None else ops.sum(weights)
+    if sample is not None:
+        weights = sample if weights is None else weights * sample
+    if weights is None:
+        if isinstance(count, int) and count > 0:
+            return ops.mean(squares)
+        return ops.sum(squares) / _at_least_one(count)
+    # The count of a 0/1 mask is 0 or at least 1, and 0 only when every
+    # weight, and so the total, is 0: max(count, 1) divides no nan.
+    total = ops.sum(ops.where(weights != 0, squares * weights, 0.0))
+    return total / _at_least_one(count)
 
 
-def _kl_terms(log_q, u, log_p):
-    """Terms q·(1 + (u − 1)·eᵘ) of KL(p ‖ q), each ≥ 0, with u = log p − log q.
+def _size(x):
+    """The number of entries of `x`: a Python int when its shape is static."""
+    return math.prod(ops.shape(x))
 
-    Below |u| = 0.5 a term is summed from its Taylor series Σₖ₌₂⁹ (k − 1)/k!·uᵏ
-    (truncation error < 2e-8 relative); above, from the closed form, which then
-    loses at most ~20 ulps to cancellation.
+
+def _at_least_one(count):
+    """max(count, 1) as a float, in Python when `count` is a Python number."""
+    if isinstance(count, (int, float)):
+        return float(max(count, 1))
+    return ops.maximum(ops.cast(count, "float32"), 1.0)
+
+
+# Coefficients (k − 1)/k!, k = 8 … 2, of the series of 1 + (u − 1)·eᵘ.
+_KL_SERIES = tuple((k - 1) / math.factorial(k) for k in range(8, 1, -1))
+
+
+def _kl_terms(q, u, p):
+    """Terms q·(1 + (u − 1)·eᵘ) = q + p·(u − 1) of KL(p ‖ q), u = log p − log q.
+
+    Each term is ≥ 0. Below |u| = 0.5 a term is q·Σₖ₌₂⁸ (k − 1)/k!·uᵏ
+    (truncation error < 4e-7 relative); above, the closed form, which then
+    loses at most ~20 ulps to cancellation. Returns the terms and the mask of
+    the series' entries.
     """
-    q = ops.exp(log_q)
-    small = ops.clip(u, -0.5, 0.5)
-    series = ops.zeros_like(small)
-    for k in range(9, 1, -1):
-        series = (series + (k - 1) / math.factorial(k)) * small
-    series = q * small * series
-    closed = q + ops.exp(log_p) * (u - 1.0)
-    return ops.where(ops.abs(u) < 0.5, series, closed)
+    small = ops.abs(u) < 0.5
+    series = _KL_SERIES[0] * u
+    for coefficient in _KL_SERIES[1:]:
+        series = (series + coefficient) * u
+    return ops.where(small, q * u * series, q + p * (u - 1.0)), small
+
+
+def _tempered_kl(temperature):
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)) per row, with its exact gradient.
+
+    The gradient is given in closed form, d/ds = T·(q − p) and
+    d/dt = T·p·(u − KL), so no operation of the value is differentiated.
+    """
+
+    @ops.custom_gradient
+    def kl(teacher, student):
+        delta = teacher - student
+        # δ at the student's top class: d is exactly 0 where q holds its mass.
+        top = student == ops.max(student, axis=-1, keepdims=True)
+        shift = ops.max(ops.where(top, delta, -math.inf), axis=-1, keepdims=True)
+        d = (delta - shift) / temperature
+        log_q = ops.log_softmax(student / temperature, axis=-1)
+        log_p = ops.log_softmax(teacher / temperature, axis=-1)
+        q, p = ops.exp(log_q), ops.exp(log_p)
+        mean_expm1 = ops.sum(q * ops.expm1(d), axis=-1, keepdims=True)
+        # No gradient flows through the value: the branch where() discards may
+        # be NaN (eᵈ overflows where q holds no mass).
+        u = ops.where(
+            ops.abs(mean_expm1) < 0.5, d - ops.log1p(mean_expm1), log_p - log_q
+        )
+        terms, small = _kl_terms(q, u, p)
+        kl = ops.sum(terms, axis=-1)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            scale = ops.expand_dims(upstream, -1) * -temperature
+            # p − q, as q·(eᵘ − 1) where p and q are close (no cancellation).
+            p_minus_q = ops.where(small, q * ops.expm1(u), p - q)
+            return (
+                scale * p * (ops.expand_dims(kl, -1) - u),
+                scale * p_minus_q,
+            )
+
+        return kl * (temperature**2), grad
+
+    return kl
 
 
 def logit_kd(teacher_logits, student_logits, temperature=4.0):
@@ -326,14 +392,16 @@ def logit_kd(teacher_logits, student_logits, temperature=4.0):
 
     The plain form Σ p·(log p − log q) subtracts nearly equal log-probabilities:
     at T = 1e5 its float32 rounding is 1000 times the value. Here
-    u = log p − log q = d − log E_q[eᵈ] with d = (δ − max δ)/T, δ = t − s, and
-    while E_q[eᵈ] > 1/2 the log is `log1p(Σ q·expm1(d))`, so u is accurate to
-    rounding relative to the spread of δ/T; otherwise (p and q far apart) u is
-    the log-softmax difference, which is then accurate. The KL is summed as
-    Σ q·(1 + (u − 1)·eᵘ): every term is ≥ 0 (no cancellation, never negative),
-    and small terms come from their series. Relative error is about
+    u = log p − log q = d − log E_q[eᵈ] with d = (δ − δₐ)/T, δ = t − s and a
+    the student's top class (so d is exactly 0 where q holds its mass), and
+    while |E_q[eᵈ] − 1| < 1/2 the log is `log1p(Σ q·expm1(d))`, so u is
+    accurate to rounding relative to the spread of δ/T; otherwise (p and q far
+    apart) u is the log-softmax difference, which is then accurate. The KL is
+    summed as Σ q·(1 + (u − 1)·eᵘ): every term is ≥ 0 (no cancellation, never
+    negative), and small terms come from their series. Relative error is about
     1e-5 or less for T from 1e-3 to 1e6 and logits up to 1e4, with the T → ∞
-    limit (1/(2C))·Σᵢ(δᵢ − mean δ)²; gradients are finite.
+    limit (1/(2C))·Σᵢ(δᵢ − mean δ)². The gradient is the closed form
+    T·(q − p) (for the student; T·p·(u − KL) for the teacher), finite.
 
     One logit per sample (a binary model's sigmoid logit z) is the Bernoulli
     distribution σ(z/T): the KL is then the binary one,
@@ -362,20 +430,7 @@ def logit_kd(teacher_logits, student_logits, temperature=4.0):
     if teacher_logits.shape[-1] == 1:  # Bernoulli: softmax over (0, z)
         teacher_logits = ops.pad(teacher_logits, [(0, 0), (1, 0)])
         student_logits = ops.pad(student_logits, [(0, 0), (1, 0)])
-    delta = teacher_logits - student_logits
-    # KL does not change when a constant is added to δ: the shift needs no gradient.
-    shift = ops.stop_gradient(ops.max(delta, axis=-1, keepdims=True))
-    d = (delta - shift) / temperature
-    log_q = ops.log_softmax(student_logits / temperature, axis=-1)
-    log_p_far = ops.log_softmax(teacher_logits / temperature, axis=-1)
-    mean_expm1 = ops.sum(ops.exp(log_q) * ops.expm1(d), axis=-1, keepdims=True)
-    near = mean_expm1 > -0.5
-    # Clipped so that the branch where() discards has a finite gradient.
-    u_near = d - ops.log1p(ops.maximum(mean_expm1, -0.5))
-    u = ops.where(near, u_near, log_p_far - log_q)
-    log_p = ops.where(near, log_q + u, log_p_far)
-    kl = ops.sum(_kl_terms(log_q, u, log_p), axis=-1)
-    return kl * (temperature**2)
+    return _tempered_kl(temperature)(teacher_logits, student_logits)
 
 
 @ops.custom_gradient
@@ -398,4 +453,4 @@ def finite_gradient(x):
         finite = ops.all(ops.isfinite(upstream))
         return ops.where(finite, upstream, ops.zeros_like(upstream))
 
-    return ops.add(x, 0), grad
+    return ops.copy(x), grad

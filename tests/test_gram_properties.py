@@ -343,3 +343,47 @@ def test_loss_is_zero_when_student_equals_teacher(inputs, options, data):
     a, mask = inputs
     weight = data.draw(sample_weights(len(a)))
     assert loss(a, a.copy(), mask, weight, **options) == 0.0
+
+
+@PROPERTY
+@given(inputs=gram_inputs(), data=st.data())
+def test_cosine_gram_loss_gradient_matches_the_textbook_form(inputs, data):
+    """The cached-teacher Gram loss's gradient (closed form) against autograd
+    through normalised rows multiplied after, under masks and sample weights."""
+    student, mask = inputs
+    weight = data.draw(sample_weights(len(student)))
+    teacher_gram = data.draw(
+        arrays(np.float32, student.shape[:2] + student.shape[1:2], elements=FINITE)
+    ) / np.float32(1e3)
+    if mask is not None:
+        teacher_gram = teacher_gram * to_np(kd_ops.pair_mask(mask))
+
+    def textbook(s):
+        if mask is not None:
+            s = s * keras.ops.expand_dims(keras.ops.cast(mask, "float32"), -1)
+        rows = kd_ops.l2_normalize_rows(s)
+        return keras.ops.matmul(rows, keras.ops.transpose(rows, (0, 2, 1)))
+
+    def distance(gram_fn):
+        return lambda s: kd_ops.gram_distance(
+            teacher_gram, gram_fn(s), mask=mask, sample_weight=weight
+        )
+
+    value, grad = value_and_grad(
+        distance(lambda s: kd_ops.gram_matrix(s, "l2", mask)), student
+    )
+    expected_value, expected = value_and_grad(distance(textbook), student)
+    assert value == pytest.approx(expected_value, rel=1e-5, abs=1e-7)
+    # Row i's gradient is at most 8·M·max w / count / ‖xᵢ‖ (|G| ≤ 1, |Gₜ| ≤ 1);
+    # the textbook form's rounding is relative to that, not to its own value.
+    pairs = present(student, mask).sum(axis=1) ** 2
+    count = max(pairs.sum(), 1)
+    largest_weight = 1.0 if weight is None else max(weight.max(), 1e-30)
+    scale = np.maximum(np.abs(student).max(axis=-1, keepdims=True), 1.0)
+    norms = (
+        scale * np.maximum(np.linalg.norm(student / scale, axis=-1), 1e-6)[..., None]
+    )
+    bound = 8 * student.shape[1] * largest_weight / count / norms
+    row_max = np.max(np.abs(expected), axis=-1, keepdims=True)
+    error = np.abs(grad - expected)
+    assert np.all(error <= 1e-4 * np.abs(expected) + 1e-5 * row_max + 1e-6 * bound)

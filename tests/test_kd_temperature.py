@@ -166,3 +166,98 @@ def test_kd_alone_trains_a_one_unit_student_toward_its_teacher():
     after = [to_np(w) for w in distiller.student.trainable_weights]
     assert any(not np.array_equal(a, b) for a, b in zip(after, before, strict=True))
     assert history["kd_loss"][-1] < 0.5 * history["kd_loss"][0]
+
+
+@pytest.mark.parametrize("scale", [3.0, 1e4])
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 100.0, 1e6])
+def test_teacher_close_to_the_student_keeps_the_relative_error(temperature, scale):
+    """t = s + a tiny difference: the KL is far below the rounding of the
+    log-probabilities, and the student's top class may not be where δ peaks.
+    (Below T = 1, float32 rounding of logits/T alone exceeds these bounds.)"""
+    rng = np.random.default_rng(8)
+    s = (scale * rng.normal(size=(16, 10))).astype("float32")
+    for tiny in (1e-3, 1e-5):
+        t = (s + tiny * scale * rng.normal(size=s.shape)).astype("float32")
+        got = to_np(kd_ops.logit_kd(t, s, temperature)).astype(np.float64)
+        np.testing.assert_allclose(
+            got, decimal_logit_kd(t, s, temperature), rtol=3e-5, atol=1e-30
+        )
+
+
+def test_a_rare_class_with_the_largest_difference_keeps_the_relative_error():
+    """δ peaks at a class of tiny q while the others agree to 1e-3: the
+    distributions are close although E_q[exp((δ − max δ)/T)] is below 1/2."""
+    rng = np.random.default_rng(9)
+    for temperature in (1.0, 4.0):
+        s = np.zeros((16, 10), "float32")
+        s[:, 0] = -20 * temperature
+        t = s.copy()
+        t[:, 1:] += temperature * (-0.7 + 1e-3 * rng.normal(size=(16, 9)))
+        got = to_np(kd_ops.logit_kd(t, s, temperature)).astype(np.float64)
+        np.testing.assert_allclose(got, decimal_logit_kd(t, s, temperature), rtol=1e-5)
+
+
+def test_series_boundary_keeps_the_relative_error():
+    """Two classes whose u = log p − log q sweeps across ±1/2, where each term
+    changes from its series to its closed form."""
+    a = np.concatenate([np.linspace(1.50, 1.60, 64), -np.linspace(0.8, 1.3, 64)])
+    t = np.stack([np.zeros_like(a), a], 1).astype("float32")
+    s = np.zeros_like(t)
+    got = to_np(kd_ops.logit_kd(t, s, 1.0)).astype(np.float64)
+    np.testing.assert_allclose(got, decimal_logit_kd(t, s, 1.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 1.0, 4.0, 1e6])
+def test_teacher_gradient_is_t_times_p_times_u_minus_kl(temperature):
+    """d(T²·KL)/dt = T·p·(log p − log q − KL), checked in float64."""
+    t, s = logits(3.0, seed=10, shape=(6, 10))
+
+    _, grad = value_and_grad(
+        lambda teacher: keras.ops.sum(kd_ops.logit_kd(teacher, s, temperature)), t
+    )
+
+    def log_softmax(x):
+        x = x.astype(np.float64) / temperature
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    log_p, log_q = log_softmax(t), log_softmax(s)
+    u = log_p - log_q
+    kl = np.sum(np.exp(log_p) * u, -1, keepdims=True)
+    expected = temperature * np.exp(log_p) * (u - kl)
+    assert np.all(np.isfinite(grad))
+    atol = 1e-4 * np.max(np.abs(expected))
+    np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=atol)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1e6])
+def test_gradient_of_close_logits_is_accurate(temperature):
+    """t = s + 1e-3: q − p is far below the rounding of p and q, yet the
+    gradient T·(q − p) keeps its relative accuracy."""
+    rng = np.random.default_rng(11)
+    s = (3.0 * rng.normal(size=(6, 10))).astype("float32")
+    t = (s + 1e-3 * rng.normal(size=s.shape)).astype("float32")
+
+    _, grad = value_and_grad(
+        lambda student: keras.ops.sum(kd_ops.logit_kd(t, student, temperature)), s
+    )
+    with decimal.localcontext() as ctx:
+        ctx.prec = 40
+        expected = np.zeros(s.shape)
+        for row in range(s.shape[0]):
+
+            def softmax(x):
+                e = [
+                    (decimal.Decimal(float(v)) / decimal.Decimal(temperature)).exp()
+                    for v in x
+                ]
+                return [v / sum(e) for v in e]
+
+            q, p = softmax(s[row]), softmax(t[row])
+            expected[row] = [
+                float(decimal.Decimal(temperature) * (a - b))
+                for a, b in zip(q, p, strict=True)
+            ]
+    np.testing.assert_allclose(
+        grad, expected, rtol=1e-3, atol=1e-3 * np.max(np.abs(expected))
+    )

@@ -232,3 +232,72 @@ def test_gram_loss_rejects_unknown_entries_and_target():
         kd_ops.gram_loss(a, a, entries="upper")
     with pytest.raises(ValueError, match="Unknown Gram target 'mean'.*'batch_mean'"):
         kd_ops.gram_loss(a, a, target="mean")
+
+
+def textbook_cosine_gram(x):
+    """Rows normalised first (autograd through the normalisation), then multiplied."""
+    rows = kd_ops.l2_normalize_rows(x)
+    return keras.ops.matmul(rows, keras.ops.transpose(rows, (0, 2, 1)))
+
+
+def test_cosine_gram_gradient_matches_the_textbook_form_for_any_upstream():
+    """The closed-form gradient against autograd through the textbook form, with
+    a non-symmetric upstream gradient, and rows that are zero, below the
+    normalisation floor (1e-8), tiny, ordinary and huge (1e36, scaled)."""
+    from helpers import value_and_grad
+
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(3, 5, 4)).astype("float32")
+    x[0, 0], x[0, 1], x[0, 2] = 0.0, 1e-8 * x[0, 1], 1e-4 * x[0, 2]
+    x[1, 3] *= np.float32(1e36)
+    x[2, 4] *= np.float32(30.0)
+    upstream = rng.normal(size=(3, 5, 5)).astype("float32")
+
+    def loss(gram_fn):
+        return lambda f: keras.ops.sum(keras.ops.multiply(gram_fn(f), upstream))
+
+    value, grad = value_and_grad(loss(lambda f: kd_ops.gram_matrix(f, "l2")), x)
+    expected_value, expected = value_and_grad(loss(textbook_cosine_gram), x)
+    assert np.all(np.isfinite(grad))
+    assert value == pytest.approx(expected_value, rel=1e-5)
+    # Within each row's scale (rows' gradients differ by 1e42; the zero row has
+    # the floor's 1e6 slope), as rounding within a row cancels.
+    row_max = np.max(np.abs(expected), axis=-1, keepdims=True)
+    assert np.all(np.abs(grad - expected) <= 1e-4 * np.abs(expected) + 1e-6 * row_max)
+
+
+def test_gram_distance_sample_weight_without_mask_matches_numpy():
+    rng = np.random.default_rng(13)
+    g_t, g_s = rng.normal(size=(2, 4, 3, 3)).astype("float32")
+    sw = np.array([0.5, 0.0, 2.0, 1.0], "float32")
+    g_s[1] = np.nan  # a skipped sample adds exactly 0
+    expected = np.nansum((g_t - g_s) ** 2 * sw[:, None, None]) / g_t.size
+    got = float(to_np(kd_ops.gram_distance(g_t, g_s, sample_weight=sw)))
+    assert got == pytest.approx(expected, rel=1e-6)
+    plain = float(to_np(kd_ops.gram_distance(g_t[[0]], g_s[[0]])))
+    assert plain == pytest.approx(np.mean((g_t[0] - g_s[0]) ** 2), rel=1e-6)
+
+
+def test_gram_distance_of_an_empty_batch_is_zero():
+    empty = np.zeros((0, 3, 3), "float32")
+    assert float(to_np(kd_ops.gram_distance(empty, empty))) == 0.0
+    weights = np.zeros((0,), "float32")
+    assert (
+        float(to_np(kd_ops.gram_distance(empty, empty, sample_weight=weights))) == 0.0
+    )
+    mask = np.zeros((0, 3), "float32")
+    assert float(to_np(kd_ops.gram_distance(empty, empty, mask=mask))) == 0.0
+
+
+@pytest.mark.parametrize("weight_shape", [(4,), (4, 1)])
+def test_sum_over_batch_matches_numpy(weight_shape):
+    values = np.arange(12, dtype="float32").reshape(4, 3)
+    values[2, 1] = np.nan  # weight 0: adds exactly 0, still counts in the batch
+    sw = np.array([1.0, 0.5, 0.0, 2.0], "float32")
+    expected = (1.0 * 1 + 0.5 * 4 + 2.0 * 10) / 4
+    got = kd_ops.sum_over_batch(values, sw.reshape(weight_shape))
+    assert float(to_np(got)) == pytest.approx(expected, rel=1e-6)
+    finite = values[[0, 1, 3]]
+    assert float(to_np(kd_ops.sum_over_batch(finite))) == pytest.approx(
+        finite.mean(), rel=1e-6
+    )
