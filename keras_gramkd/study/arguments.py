@@ -2,6 +2,8 @@
 
 >>> check_count("epochs", 3), check_seeds(2), check_seeds((4, 7))
 (3, [0, 1], [4, 7])
+>>> check_batch_seeds(None, [4, 7]), check_batch_seeds([0, 0], [4, 7])
+([4, 7], [0, 0])
 """
 
 import numbers
@@ -52,6 +54,31 @@ def check_seeds(seeds):
             "once, e.g. seeds=[0, 1, 2]."
         )
     return seeds
+
+
+def check_batch_seeds(batch_seeds, seeds):
+    """The seed of each run's batch order: `seeds` for None, else one whole
+    number in [0, 2**32) per seed (repeats allowed: the same order for
+    several initial weights)."""
+    if batch_seeds is None:
+        return list(seeds)
+    if not isinstance(batch_seeds, (list, tuple, range, np.ndarray)) or not all(
+        _is_int(s) and 0 <= s < _MAX_SEED for s in batch_seeds
+    ):
+        raise ValueError(
+            "batch_seeds must be a list of whole numbers in [0, 2**32), one per "
+            f"seed; got {batch_seeds!r}. Give e.g. batch_seeds=[0] * {len(seeds)} "
+            "(one batch order for every seed), or leave it out (each seed's "
+            "batches follow the seed)."
+        )
+    if len(batch_seeds) != len(seeds):
+        raise ValueError(
+            f"batch_seeds must give one batch-order seed per seed: there are "
+            f"{len(seeds)} seeds ({list(seeds)}) but {len(batch_seeds)} batch "
+            f"seeds ({list(batch_seeds)}). Give {len(seeds)} of them, or leave "
+            "batch_seeds out."
+        )
+    return [int(s) for s in batch_seeds]
 
 
 def check_methods(methods, reference):
@@ -140,16 +167,72 @@ def check_split(name, split):
     return x, y
 
 
-def check_teacher_test(teacher_test, test_labels):
+def check_teacher_test(teacher_test, test_labels, name="teacher_test", test="test"):
     """`teacher_test` checked as a split with as many rows as `test`."""
-    x, y = check_split("teacher_test", teacher_test)
+    x, y = check_split(name, teacher_test)
     if len(y) != test_labels:
         raise ValueError(
-            "teacher_test must hold the same samples as test, row for row: test "
-            f"has {test_labels} rows, teacher_test has {len(y)}. Give the "
+            f"{name} must hold the same samples as {test}, row for row: {test} "
+            f"has {test_labels} rows, {name} has {len(y)}. Give the "
             "teacher's version of every test sample, in the same order."
         )
     return x, y
+
+
+def _is_split(value):
+    return isinstance(value, (tuple, list)) and len(value) == 2
+
+
+def check_tests(test, teacher_test):
+    """The test sets as dict name -> (students' split, teacher's split), and
+    whether `test` named them (a dict name -> (x, y)) or was one (x, y).
+
+    With named sets, `teacher_test` is None or a dict whose names are among
+    the test sets'; a set it leaves out scores the teacher on the set itself.
+    """
+    if not isinstance(test, dict) or not test:
+        split = check_split("test", test)
+        teacher = split
+        if teacher_test is not None:
+            teacher = check_teacher_test(teacher_test, len(split[1]))
+        return {"test": (split, teacher)}, False
+    example = 'test={"clean": (x, y), "noisy": (x_noisy, y)}'
+    for name, value in test.items():
+        if not isinstance(name, str) or not name or not _is_split(value):
+            raise ValueError(
+                "test must be one (x, y) or a dict name -> (x, y) of named test "
+                f"sets (e.g. {example}); test[{name!r}] is "
+                f"{type(value).__name__}, not a pair (x, y), or its name is not a "
+                "non-empty string."
+            )
+    if teacher_test is not None and (
+        not isinstance(teacher_test, dict) or set(teacher_test) - set(test)
+    ):
+        raise ValueError(
+            "With named test sets, teacher_test must be a dict test set name -> "
+            f"(x, y) with names among {list(test)} (a set it leaves out scores "
+            f"the teacher on the set itself); got {_describe(teacher_test)}."
+        )
+    tests = {}
+    for name, value in test.items():
+        split = check_split(f"test[{name!r}]", value)
+        teacher = split
+        if teacher_test is not None and name in teacher_test:
+            teacher = check_teacher_test(
+                teacher_test[name],
+                len(split[1]),
+                f"teacher_test[{name!r}]",
+                f"test[{name!r}]",
+            )
+        tests[name] = (split, teacher)
+    return tests, True
+
+
+def _describe(value):
+    """A dict by its keys, anything else by its type."""
+    if isinstance(value, dict):
+        return f"a dict with keys {list(value)}"
+    return type(value).__name__
 
 
 def check_optimizer_and_loss(optimizer, loss):

@@ -1,5 +1,6 @@
 """`StudyResult`: a study's numbers per method and seed, its tables and plot."""
 
+import copy
 import json
 import math
 
@@ -20,6 +21,16 @@ def _pm(mean, spread, scale=100.0, digits=2):
     return f"{scale * mean:.{digits}f} ± {scale * spread:.{digits}f}"
 
 
+def _append_scores(scores, report, gram_gap):
+    """Appends one run's accuracy, dropped accuracies and |ΔG| to `scores`
+    (a dict with the keys `accuracy`, `dropped` and `gram_gap`)."""
+    scores["accuracy"].append(float(report.accuracy))
+    for modality, accuracy in report.dropped.items():
+        scores["dropped"].setdefault(modality, []).append(float(accuracy))
+    if gram_gap is not None:
+        scores["gram_gap"].append(float(gram_gap))
+
+
 def _signed(paired):
     """A paired difference as `+0.40 ± 0.30` points."""
     return ("+" if paired["mean"] >= 0 else "") + _pm(paired["mean"], paired["se"])
@@ -37,6 +48,10 @@ class MethodResult:
         train_time_s: wall time of `fit` per seed.
         params: the student's parameter count.
         histories: the `fit` history (dict name -> value per epoch) per seed.
+        tests: with named test sets, test set name -> dict of its
+            `accuracy`, `dropped` and `gram_gap` per seed (`accuracy`,
+            `dropped` and `gram_gap` above are the first set's); empty for a
+            single test set. `on(name)` views one set.
     """
 
     def __init__(self, name):
@@ -44,15 +59,16 @@ class MethodResult:
         self.seeds, self.accuracy, self.gram_gap, self.train_time_s = [], [], [], []
         self.dropped, self.histories = {}, []
         self.params = None
+        self.tests = {}
 
-    def add(self, seed, report, gram_gap, seconds, params, history=None):
-        """Records one run (`report` is a `RobustnessReport` of its student)."""
+    def add(self, seed, report, gram_gap, seconds, params, history=None, tests=None):
+        """Records one run (`report` is a `RobustnessReport` of its student);
+        `tests`: test set name -> (report, gram_gap) with named test sets."""
         self.seeds.append(int(seed))
-        self.accuracy.append(float(report.accuracy))
-        for modality, accuracy in report.dropped.items():
-            self.dropped.setdefault(modality, []).append(float(accuracy))
-        if gram_gap is not None:
-            self.gram_gap.append(float(gram_gap))
+        _append_scores(vars(self), report, gram_gap)
+        for name, (test_report, test_gap) in (tests or {}).items():
+            scores = {"accuracy": [], "dropped": {}, "gram_gap": []}
+            _append_scores(self.tests.setdefault(name, scores), test_report, test_gap)
         self.train_time_s.append(float(seconds))
         self.params = int(params)
         self.histories.append(
@@ -64,7 +80,17 @@ class MethodResult:
         """(mean, sd over seeds) of the test accuracy."""
         return mean_sd(self.accuracy)
 
+    def on(self, test):
+        """This method's result with the scores of the named test set `test`."""
+        view = copy.copy(self)
+        view.accuracy, view.dropped, view.gram_gap = (
+            self.tests[test][key] for key in ("accuracy", "dropped", "gram_gap")
+        )
+        view.tests = {}
+        return view
+
     def to_dict(self):
+        tests = {"tests": self.tests} if self.tests else {}
         return {
             "seeds": self.seeds,
             "accuracy": self.accuracy,
@@ -73,6 +99,7 @@ class MethodResult:
             "train_time_s": self.train_time_s,
             "params": self.params,
             "histories": self.histories,
+            **tests,
         }
 
     @classmethod
@@ -82,6 +109,7 @@ class MethodResult:
             setattr(result, key, data[key])
         result.params = data["params"]
         result.histories = data.get("histories", [])
+        result.tests = data.get("tests", {})
         return result
 
 
@@ -92,9 +120,12 @@ class StudyResult:
         methods: dict name -> `MethodResult`, in the order they were given.
         reference: the method the others are paired against.
         teacher_accuracy, teacher_dropped, teacher_params: the teacher's.
-        config: seeds, epochs, batch size, data sizes, backend.
+        config: seeds, batch seeds, epochs, batch size, data sizes, backend.
         students: dict (method, seed) -> trained student, when
             `compare_methods` ran with `keep_students=True` (not in the JSON).
+        teacher_tests: with named test sets, test set name -> the teacher's
+            `{"accuracy", "dropped"}` on it (the attributes above are the
+            first set's); empty for a single test set.
     """
 
     def __init__(
@@ -106,6 +137,7 @@ class StudyResult:
         teacher_params,
         config,
         students=None,
+        teacher_tests=None,
     ):
         self.methods = methods
         self.reference = reference
@@ -114,6 +146,26 @@ class StudyResult:
         self.teacher_params = teacher_params
         self.config = config
         self.students = students or {}
+        self.teacher_tests = teacher_tests or {}
+
+    def on(self, test):
+        """The result scored on the named test set `test` (its accuracies,
+        |ΔG| and paired differences; the same runs)."""
+        if test not in self.teacher_tests:
+            raise ValueError(
+                f"No test set {test!r}; the study was scored on "
+                f"{list(self.teacher_tests) or 'one unnamed test set'}."
+            )
+        teacher = self.teacher_tests[test]
+        return StudyResult(
+            {name: r.on(test) for name, r in self.methods.items()},
+            self.reference,
+            teacher["accuracy"],
+            teacher["dropped"],
+            self.teacher_params,
+            self.config,
+            self.students,
+        )
 
     def paired(self, name, measure="accuracy"):
         """`paired_difference` of method `name` against the reference.
@@ -137,24 +189,51 @@ class StudyResult:
             return list(np.mean(list(result.dropped.values()), axis=0))
         raise ValueError(f"Unknown measure {measure!r}; use 'accuracy' or 'dropped'.")
 
-    def to_dict(self):
-        """A JSON-able dict (NaN standard errors become None)."""
+    def _paired_dict(self):
+        """Each method's `paired` difference, NaN standard errors as None."""
         paired = {}
         for name in self.methods:
             if name != self.reference:
                 p = self.paired(name)
                 paired[name] = {**p, "se": _finite_or_none(p["se"])}
-        return {
+        return paired
+
+    def _test_summary(self):
+        """Per test set: the teacher's accuracy, each method's accuracy mean
+        and standard error over seeds, and the paired differences."""
+        summary = {}
+        for test, teacher in self.teacher_tests.items():
+            result, methods = self.on(test), {}
+            for name, r in result.methods.items():
+                mean, sd = r.accuracy_mean_sd
+                se = _finite_or_none(sd / math.sqrt(len(r.accuracy)))
+                methods[name] = {"accuracy_mean": mean, "accuracy_se": se}
+            summary[test] = {
+                "teacher_accuracy": teacher["accuracy"],
+                "methods": methods,
+                "paired_vs_reference": result._paired_dict(),
+            }
+        return summary
+
+    def to_dict(self):
+        """A JSON-able dict (NaN standard errors become None); with named
+        test sets, `"tests"` holds each set's summary (`_test_summary`)."""
+        teacher = {
+            "accuracy": self.teacher_accuracy,
+            "dropped": self.teacher_dropped,
+            "params": self.teacher_params,
+        }
+        data = {
             "reference": self.reference,
             "config": self.config,
-            "teacher": {
-                "accuracy": self.teacher_accuracy,
-                "dropped": self.teacher_dropped,
-                "params": self.teacher_params,
-            },
+            "teacher": teacher,
             "methods": {name: r.to_dict() for name, r in self.methods.items()},
-            "paired_vs_reference": paired,
+            "paired_vs_reference": self._paired_dict(),
         }
+        if self.teacher_tests:
+            teacher["tests"] = self.teacher_tests
+            data["tests"] = self._test_summary()
+        return data
 
     def to_json(self, path=None):
         """The result as JSON text; also written to `path` if given."""
@@ -183,6 +262,7 @@ class StudyResult:
             teacher_dropped=data["teacher"]["dropped"],
             teacher_params=data["teacher"]["params"],
             config=data["config"],
+            teacher_tests=data["teacher"].get("tests"),
         )
 
     def table(self):
@@ -242,8 +322,14 @@ class StudyResult:
         return headers, rows
 
     def to_markdown(self):
-        """The `table` as Markdown."""
-        return markdown_table(*self.table())
+        """The `table` as Markdown; with named test sets, one table per set,
+        each under its name in bold."""
+        if not self.teacher_tests:
+            return markdown_table(*self.table())
+        return "\n\n".join(
+            f"**{test}**\n\n" + markdown_table(*self.on(test).table())
+            for test in self.teacher_tests
+        )
 
     def plot(self, path=None, **kwargs):
         """Paired Δ accuracy vs the reference: mean ± se per method, and each
