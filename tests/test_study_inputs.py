@@ -212,9 +212,9 @@ def test_identical_initial_weights_across_seeds_warn(teacher):
         "Seeds 0 and 1 give identical initial student weights, so their runs "
         "differ at most by the batch order and the seeds are not independent. "
         "Likely cause: build_student() sets a seed itself "
-        "(keras.utils.set_random_seed or a seeded initializer). Fix: remove "
-        "that call; compare_methods seeds each run before calling "
-        "build_student()."
+        "(keras.utils.set_random_seed or a seeded initializer). Fix: leave the "
+        "seeding out of build_student(); compare_methods seeds each run before "
+        "calling it."
     ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -187,8 +187,8 @@ def _warn_if_seen(seed, weights, seen):
             "weights, so their runs differ at most by the batch order and the "
             "seeds are not independent. Likely cause: build_student() sets a "
             "seed itself (keras.utils.set_random_seed or a seeded initializer). "
-            "Fix: remove that call; compare_methods seeds each run before "
-            "calling build_student().",
+            "Fix: leave the seeding out of build_student(); compare_methods "
+            "seeds each run before calling it.",
             UserWarning,
             stacklevel=3,
         )
@@ -312,7 +312,10 @@ def compare_methods(
         ValueError: an argument is malformed (the message names it, its value
             and the fix): rows of an x that differ from its y's, counts that
             are not ints >= 1, a term not wrapped in a list, an unknown
-            `reference`, a built optimizer or loss instead of a callable.
+            `reference`, a built optimizer or loss instead of a callable, a
+            test set that is not a pair (x, y), `batch_seeds` not one whole
+            number per seed, modality addresses a `GramTerm` refuses, or
+            teacher and student Gram matrices of different sizes.
         StudyError: a run failed; its `partial` holds the seeds every method
             finished, and the run's error is chained as its `__cause__`.
 
