@@ -14,6 +14,28 @@ from keras_gramkd import Distiller
 WIDTHS = {"a": 4, "b": 6, "c": 5}
 
 
+
+# Every public module of the library; `keras_gramkd.demo` is the application's.
+PUBLIC_MODULES = (
+    "keras_gramkd",
+    "keras_gramkd.cache",
+    "keras_gramkd.datasets",
+    "keras_gramkd.demo",
+    "keras_gramkd.export",
+    "keras_gramkd.features",
+    "keras_gramkd.layers",
+    "keras_gramkd.losses",
+    "keras_gramkd.ops",
+    "keras_gramkd.plots",
+    "keras_gramkd.relational",
+    "keras_gramkd.relational_ops",
+    "keras_gramkd.saving",
+    "keras_gramkd.study",
+    "keras_gramkd.terms",
+    "keras_gramkd.tuning",
+    "keras_gramkd.zoo",
+)
+
 def _is_symbolic(x):
     """KerasTensors and JAX tracers come from shape inference, not from steps."""
     if isinstance(x, keras.KerasTensor):

@@ -12,30 +12,14 @@ from pathlib import Path
 
 import keras
 import pytest
+from helpers import PUBLIC_MODULES
 
 from gramkd import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 APPLICATION_PACKAGES = ("rich", "matplotlib")
 # Every public module of the library (zoo: the reference networks, pure keras).
-CORE_MODULES = (
-    "keras_gramkd",
-    "keras_gramkd.cache",
-    "keras_gramkd.datasets",
-    "keras_gramkd.export",
-    "keras_gramkd.features",
-    "keras_gramkd.layers",
-    "keras_gramkd.losses",
-    "keras_gramkd.ops",
-    "keras_gramkd.plots",
-    "keras_gramkd.relational",
-    "keras_gramkd.relational_ops",
-    "keras_gramkd.saving",
-    "keras_gramkd.study",
-    "keras_gramkd.terms",
-    "keras_gramkd.tuning",
-    "keras_gramkd.zoo",
-)
+CORE_MODULES = tuple(m for m in PUBLIC_MODULES if m != "keras_gramkd.demo")
 # Public names that are not the library's: `gramkd tune`'s entry point, and the
 # hypermodel of the tune extra (keras_tuner imports rich itself).
 NOT_CORE = ("keras_gramkd.tuning.run_tune", "keras_gramkd.tuning.DistillerHyperModel")
