@@ -14,7 +14,6 @@ from keras_gramkd import Distiller
 WIDTHS = {"a": 4, "b": 6, "c": 5}
 
 
-
 # Every public module of the library; `keras_gramkd.demo` is the application's.
 PUBLIC_MODULES = (
     "keras_gramkd",
@@ -35,6 +34,7 @@ PUBLIC_MODULES = (
     "keras_gramkd.tuning",
     "keras_gramkd.zoo",
 )
+
 
 def _is_symbolic(x):
     """KerasTensors and JAX tracers come from shape inference, not from steps."""
