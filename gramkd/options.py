@@ -49,7 +49,8 @@ FULL = {"epochs": 30, "teacher_epochs": 30, "seeds": 3}
 # bar by chance (5 epochs: about 80 %, agreement >= 99 %).
 QUICK = {"epochs": 5, "teacher_epochs": 3, "seeds": 1}
 TUNERS = ("random", "bayesian", "hyperband")
-TUNE_SETTINGS = ("clean", "noisy")
+TUNE_SETTINGS = ("clean", "noisy")  # the weight search; --terms runs on every setting
+TERM_FAMILIES = ("kd", "gram", "modality_sp", "sp", "rkd", "pkt", "fitnet")
 EXPORT_FORMATS = ("tflite", "onnx")
 EXPORT_FORMAT_ALIASES = ("litert",)
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
@@ -180,7 +181,19 @@ def add_demo_arguments(parser):
 
 def add_tune_arguments(parser):
     """Adds the `gramkd tune` options to an `argparse.ArgumentParser`."""
-    _count_option(parser, "--trials", 8, "trials of random and bayesian search")
+    parser.add_argument(
+        "--terms",
+        nargs="+",
+        default=None,
+        metavar="FAMILY",
+        choices=TERM_FAMILIES + ("all",),
+        help="search which distillation term pays instead of the loss weights: "
+        f"the families ({', '.join(TERM_FAMILIES)}, or all), each with --trials "
+        "trials, then a confirmation on fresh seeds",
+    )
+    _count_option(
+        parser, "--trials", 8, "trials of random and bayesian search (per family)"
+    )
     _count_option(parser, "--epochs", 10, "epochs per trial (hyperband: the most)")
     parser.add_argument(
         "--tuner",
@@ -200,11 +213,18 @@ def add_tune_arguments(parser):
     _views(parser)
     parser.add_argument(
         "--setting",
-        choices=TUNE_SETTINGS,
+        choices=SETTINGS,
         default="noisy",
-        help="what the student sees, as in `gramkd demo` (default: noisy)",
+        help="what the student sees, as in `gramkd demo`; the weight search "
+        f"takes {' or '.join(TUNE_SETTINGS)}, --terms every one (default: noisy)",
     )
     _count_option(parser, "--teacher-epochs", 20, "teacher epochs")
+    parser.add_argument(
+        "--confirm-seeds",
+        type=at_least(2),
+        default=5,
+        help="--terms: fresh seeds of the confirmation, at least 2 (default: 5)",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the split and search (default: 0)"
     )

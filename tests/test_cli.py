@@ -13,7 +13,7 @@ from keras_gramkd.demo import DEFAULT_SETTING, QUICK, SETTINGS
 from keras_gramkd.demo.methods import DEFAULT_METHODS
 from keras_gramkd.demo.study import DEFAULTS, FULL, GRAM_NORMALIZE_CHOICES
 from keras_gramkd.export.pipeline import FORMATS, QUANTIZATIONS
-from keras_gramkd.tuning import TUNERS
+from keras_gramkd.tuning import FAMILIES, TUNERS
 
 
 def _python(code, **env):
@@ -65,6 +65,8 @@ def test_help_shows_defaults_and_limits(capsys):
     "argv, message",
     [
         (["tune", "--trials", "0"], "argument --trials: must be at least 1, got 0"),
+        (["tune", "--confirm-seeds", "1"], "--confirm-seeds: must be at least 2"),
+        (["tune", "--terms", "gramm"], "argument --terms: invalid choice: 'gramm'"),
         (["demo", "--seeds", "-2"], "argument --seeds: must be at least 1, got -2"),
         (["demo", "--temperature", "0"], "argument --temperature: must be above 0"),
         (["demo", "--kd-weight", "nan"], "argument --kd-weight: must be at least 0"),
@@ -152,6 +154,7 @@ def test_options_match_the_library():
     assert options.GRAM_NORMALIZE_CHOICES == GRAM_NORMALIZE_CHOICES
     assert set(GRAM_NORMALIZE_CHOICES) == set(ops.GRAM_NORMALIZATIONS)
     assert options.TUNERS == TUNERS
+    assert options.TERM_FAMILIES == FAMILIES
     assert options.EXPORT_FORMATS == FORMATS
     assert ("none",) + QUANTIZATIONS[1:] == options.QUANTIZATIONS
     assert QUANTIZATIONS[0] is None

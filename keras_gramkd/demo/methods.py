@@ -49,10 +49,11 @@ from keras_gramkd.relational import (
     SPTerm,
 )
 from keras_gramkd.terms import GramTerm, KDTerm
+from keras_gramkd.tuning.families import PUBLISHED_SCALES
 from keras_gramkd.zoo import FEATURES, view_addresses
 
-RELATIONAL_WEIGHTS = {"sp": 3000.0, "rkd": 25.0, "pkt": 30000.0, "fitnet": 100.0}
-MODALITY_SP_WEIGHT = 3000.0
+RELATIONAL_WEIGHTS = {f: PUBLISHED_SCALES[f] for f in ("sp", "rkd", "pkt", "fitnet")}
+MODALITY_SP_WEIGHT = PUBLISHED_SCALES["modality_sp"]
 CONTROLS = {
     "batch_mean": {"target": "batch_mean"},
     "diagonal": {"entries": "diagonal"},

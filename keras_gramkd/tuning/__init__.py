@@ -33,11 +33,19 @@ best trained student.
 `keras_tuner` is imported on first use of `DistillerHyperModel` (install it with
 ``pip install "keras-gramkd[tune]"``), so importing this package is cheap.
 
-The modules: `space` (the search space), `hypermodel` (`DistillerHyperModel`,
+**Which term pays**: `search_terms` searches the term families (KD alone, and KD
+plus the modality Gram, per-modality SP, SP, RKD, PKT or FitNet) with the same
+trial budget each, then confirms each family's best settings against the best KD
+on fresh paired seeds (`TermSearchResult`).
+
+The modules: `space` (the short form's search space), `families` (the term
+families' spaces), `hypermodel` (`DistillerHyperModel`, `TermFamilyHyperModel`:
 the one module that imports keras_tuner), `search` (tuners, trials, the
-student-only checkpoints) and `cli` (`gramkd tune`).
+student-only checkpoints), `term_search` (`search_terms`), `term_result`
+(`TermSearchResult`) and `cli` (`gramkd tune`).
 """
 
+from keras_gramkd.tuning.families import FAMILIES, PUBLISHED_SCALES, FamilySpace
 from keras_gramkd.tuning.search import (
     FORBIDDEN_OBJECTIVES,
     TUNE_EXTRA_HINT,
@@ -48,19 +56,27 @@ from keras_gramkd.tuning.search import (
     make_tuner,
 )
 from keras_gramkd.tuning.space import DEFAULT_SEARCH_SPACE, resolve_search_space
+from keras_gramkd.tuning.term_result import TermSearchResult
+from keras_gramkd.tuning.term_search import search_terms
 
 __all__ = [
     "DEFAULT_SEARCH_SPACE",
+    "FAMILIES",
     "FORBIDDEN_OBJECTIVES",
     "TUNERS",
     "TUNE_EXTRA_HINT",
     "DistillerHyperModel",
+    "FamilySpace",
+    "PUBLISHED_SCALES",
     "StudentCheckpointDistiller",
+    "TermFamilyHyperModel",
+    "TermSearchResult",
     "best_with_and_without_gram",
     "completed_trials",
     "make_tuner",
     "resolve_search_space",
     "run_tune",
+    "search_terms",
 ]
 
 
@@ -69,10 +85,10 @@ def __getattr__(name):
     # keras_tuner, so it loads on first use (ImportError naming the extra). The
     # command line loads the demo's data and models: also on first use, so that
     # `import keras_gramkd` registers StudentCheckpointDistiller cheaply.
-    if name == "DistillerHyperModel":
-        from keras_gramkd.tuning.hypermodel import DistillerHyperModel
+    if name in ("DistillerHyperModel", "TermFamilyHyperModel"):
+        from keras_gramkd.tuning import hypermodel
 
-        return DistillerHyperModel
+        return getattr(hypermodel, name)
     if name == "run_tune":
         from keras_gramkd.tuning import cli
 

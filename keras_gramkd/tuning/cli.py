@@ -1,5 +1,8 @@
 """`gramkd tune`: search the Distiller's loss weights on the embedded digits.
 
+With ``--terms``, it searches which distillation term pays instead
+(`keras_gramkd.tuning.terms_cli`).
+
 Trains (or reuses) a teacher, searches with KerasTuner (a line per trial: its
 number, settings, score and time), and prints the trials and the best
 configurations (with and without the Gram term) next to the demo's defaults,
@@ -16,6 +19,7 @@ import time
 import keras
 import numpy as np
 
+from gramkd.options import TUNE_SETTINGS
 from keras_gramkd import zoo
 from keras_gramkd.console import make_console, new_table
 from keras_gramkd.datasets.mfeat import check_views, stratified_split
@@ -34,6 +38,8 @@ from keras_gramkd.tuning.search import (
     make_tuner,
     objective_name,
 )
+from keras_gramkd.tuning.term_search import SEARCH_TUNERS
+from keras_gramkd.tuning.terms_cli import run_term_search
 
 
 def _take(x, y, idx):
@@ -142,6 +148,17 @@ def _check_args(args):
     for name in ("trials", "epochs", "teacher_epochs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1.")
+    if args.terms:
+        if args.tuner not in SEARCH_TUNERS:
+            raise ValueError(
+                f"--terms takes --tuner {' or '.join(SEARCH_TUNERS)}: "
+                f"{args.tuner} gives each family a different budget."
+            )
+    elif args.setting not in TUNE_SETTINGS:
+        raise ValueError(
+            f"The weight search runs on --setting {' or '.join(TUNE_SETTINGS)}; "
+            f"--terms searches the terms on {args.setting!r}."
+        )
     return views
 
 
@@ -326,6 +343,14 @@ def run_tune(args):
     directory = args.directory or os.path.join(
         "runs", "tune-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     )
+    if args.terms:
+        return run_term_search(
+            args,
+            views,
+            directory,
+            lambda data: _teacher(args, views, directory, data, console),
+            console,
+        )
     keras.utils.set_random_seed(args.seed)
     data = _tune_data(views, args.setting, args.seed)
     teacher = _teacher(args, views, directory, data, console)

@@ -1,12 +1,18 @@
-"""`DistillerHyperModel`: a `keras_tuner.HyperModel` of Distillers sharing a teacher.
+"""The hypermodels: Distillers sharing a teacher, built for KerasTuner.
+
+`DistillerHyperModel` searches the short form's weights; `TermFamilyHyperModel`
+one term family's settings (`search_terms`).
 
 This module imports keras_tuner (`import_keras_tuner` names the extra to install
 when it is missing); `keras_gramkd.tuning` imports it on first use of
 `DistillerHyperModel`, so importing the package stays cheap.
 """
 
+import time
+
 import keras
 
+from keras_gramkd.study.batches import SeededBatches
 from keras_gramkd.tuning.search import (
     StudentCheckpointDistiller,
     check_objective,
@@ -185,3 +191,70 @@ class DistillerHyperModel(kt.HyperModel):
                 "validation_data=(x_val, y_val) (or validation_split) to search()."
             )
         return model.fit(*args, **kwargs)
+
+
+class TermFamilyHyperModel(kt.HyperModel):
+    """A `keras_tuner.HyperModel` of one term family's Distillers (`search_terms`).
+
+    Every trial starts from the same initial student weights (built under
+    `seed`) and trains on the same batches in the same order, so two trials
+    differ only in their hyperparameters.
+
+    Args:
+        teacher: the trained teacher, shared by every trial.
+        build_student: callable ``() -> keras.Model``.
+        space: the family's `FamilySpace`.
+        seed: the seed of the initial weights and of the batch order.
+        batch_size: rows per batch.
+        optimizer: callable ``() -> keras.optimizers.Optimizer``.
+        loss: callable ``() -> keras.losses.Loss`` (the task loss).
+        distiller_kwargs: more `Distiller` arguments.
+        jit_compile: passed to `compile`.
+        on_trial_end: optional callable ``(settings, history, seconds)`` after
+            each trial's training.
+    """
+
+    def __init__(
+        self,
+        teacher,
+        build_student,
+        space,
+        seed,
+        batch_size,
+        optimizer,
+        loss,
+        distiller_kwargs=None,
+        jit_compile="auto",
+        on_trial_end=None,
+    ):
+        super().__init__(name=space.family)
+        self.teacher, self.build_student, self.space = teacher, build_student, space
+        self.seed, self.batch_size = seed, batch_size
+        self.optimizer, self.loss = optimizer, loss
+        self.distiller_kwargs = dict(distiller_kwargs or {})
+        self.jit_compile, self.on_trial_end = jit_compile, on_trial_end
+
+    def build(self, hp):
+        """A compiled `StudentCheckpointDistiller` with the family's terms."""
+        terms = self.space.terms(hp)
+        keras.utils.set_random_seed(self.seed)
+        distiller = StudentCheckpointDistiller(
+            self.teacher, self.build_student(), terms=terms, **self.distiller_kwargs
+        )
+        distiller.compile(
+            self.optimizer(),
+            self.loss(),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            jit_compile=self.jit_compile,
+        )
+        return distiller
+
+    def fit(self, hp, model, x, y, **kwargs):
+        """Trains on `SeededBatches` of ``(x, y)`` drawn from the search's seed."""
+        batches = SeededBatches(x, y, self.batch_size, seed=self.seed)
+        start = time.perf_counter()
+        history = model.fit(batches, shuffle=False, **kwargs)
+        if self.on_trial_end is not None:
+            seconds = time.perf_counter() - start
+            self.on_trial_end(self.space.settings(hp), history, seconds)
+        return history
