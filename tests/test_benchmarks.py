@@ -157,6 +157,21 @@ def test_gram_ops_compares_both_forms(tmp_path):
     assert point["value_difference"] < 1e-6  # the two forms agree
 
 
+def test_shard_read_compares_the_storages_and_fit(tmp_path):
+    data = _run("shard_read.py", tmp_path)
+    rates = data["read_rows_per_s"]
+    names = ["npy_mmap", "npz_shard", "in_memory"]
+    if data["machine"]["backend"] == "tensorflow":
+        names.append("tfrecord")
+    assert sorted(rates) == sorted(names)
+    assert all(_positive(rate) for rate in rates.values())
+    fit = data["fit"]
+    assert fit["ratio"] == pytest.approx(
+        fit["sharded_epoch_s"] / fit["in_memory_epoch_s"]
+    )
+    assert data["settings"]["cache_mib"] == pytest.approx(2048 * 100 * 4 / 2**20)
+
+
 def test_gpu_script_dry_run(tmp_path):
     """benchmarks/gpu.sh --dry-run: the GPU pipeline on the CPU at tiny sizes."""
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")

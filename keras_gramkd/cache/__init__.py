@@ -47,6 +47,11 @@ Example:
 >>> len(TeacherCache.load(path))
 32
 
+For targets larger than memory, `ShardedTeacherCache` (module `shards`) writes
+them to disk in shards, resumably and in parallel, and streams them to `fit`
+with their inputs as a `keras.utils.PyDataset`, checking each shard's sha256
+and each batch's inputs.
+
 Alignment. The targets travel with their samples: for numpy data they are
 extra arrays of the input dict, so Keras' `shuffle=True` permutes them with
 the inputs (and `validation_split` slices them with the inputs). A
@@ -129,6 +134,7 @@ It is written to a temporary file in the same directory and renamed over the
 target (`keras_gramkd.saving.atomic_save`).
 """
 
+from keras_gramkd.cache.shards import ShardedBatches, ShardedTeacherCache
 from keras_gramkd.cache.teacher_cache import (
     DTYPES,
     FLOAT16_LOSS_TOLERANCE,
@@ -143,6 +149,8 @@ __all__ = [
     "FLOAT16_LOSS_TOLERANCE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "ShardedBatches",
+    "ShardedTeacherCache",
     "TeacherCache",
     "teacher_fingerprint",
 ]

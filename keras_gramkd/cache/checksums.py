@@ -88,14 +88,15 @@ def tf_sample_checksums(tf, x, keys):
     return tf.stack(columns, axis=1)
 
 
-def check_inputs(x, keys, expected, where):
-    """Raises unless the inputs x have the checksums `expected` of build time."""
+def check_inputs(x, keys, expected, where, rebuild=REBUILD):
+    """Raises unless the inputs x have the checksums `expected` of build time
+    (the message ends with `rebuild`, how to make the cache again)."""
     missing = [key for key in keys if key not in x]
     if missing:
         raise ValueError(
             f"{where} lacks {missing}, which the cache was built with (the "
             f"teacher's inputs and {MODALITY_MASK_KEY!r} if the data had "
-            f"one). Give the same inputs as at build time, or {REBUILD}"
+            f"one). Give the same inputs as at build time, or {rebuild}"
         )
     found = sample_checksums(x, keys)
     differ = np.flatnonzero(np.any(found != expected, axis=1))
@@ -106,6 +107,6 @@ def check_inputs(x, keys, expected, where):
             f"{differ[:5].tolist()}): a different data set, another sample "
             "order, or augmentation that changes inputs. Attach to the "
             "data as it was at build time, before shuffling or "
-            f"augmenting; or {REBUILD} Augmentation that changes inputs "
+            f"augmenting; or {rebuild} Augmentation that changes inputs "
             "each epoch needs the live teacher."
         )

@@ -75,6 +75,37 @@ def _read_settings(term_settings):
     return settings
 
 
+def matching_target_keys(distiller, term_settings, fingerprint, keys):
+    """The cached target `keys` that `distiller` reads, once its terms' settings
+    and its teacher's fingerprint are checked against the cache's (ValueError
+    naming the difference)."""
+    settings = _term_settings(distiller)
+    missing = [name for name in settings if name not in term_settings]
+    if missing:
+        raise ValueError(
+            f"The cache holds no targets for term(s) {missing} (it was built "
+            f"for a Distiller with the terms {list(term_settings)} on), "
+            f"but this Distiller uses them. {REBUILD}"
+        )
+    for name, setting in settings.items():
+        if setting != term_settings[name]:
+            raise ValueError(
+                f"The cache's targets of term {name!r} were formed with "
+                f"{term_settings[name]}, but this Distiller uses "
+                f"{setting}. {REBUILD}"
+            )
+    found = teacher_fingerprint(distiller.teacher)
+    if found != fingerprint:
+        raise ValueError(
+            "The teacher's weights differ from those the cache was built "
+            f"with (fingerprint {found[:12]}… vs {fingerprint[:12]}"
+            "…): the teacher changed after caching, or this is another "
+            f"teacher. {REBUILD}"
+        )
+    prefixes = tuple(f"{TARGET_PREFIX}{name}/" for name in settings)
+    return [key for key in keys if key.startswith(prefixes)]
+
+
 class _TeacherTargets(keras.Model):
     """`distiller.teacher_targets` as a model, for compiled `predict_on_batch`.
 
@@ -288,31 +319,9 @@ class TeacherCache:
 
     def _keys_for(self, distiller):
         """The target keys this Distiller reads, after checking its teacher."""
-        settings = _term_settings(distiller)
-        missing = [name for name in settings if name not in self.term_settings]
-        if missing:
-            raise ValueError(
-                f"The cache holds no targets for term(s) {missing} (it was built "
-                f"for a Distiller with the terms {list(self.term_settings)} on), "
-                f"but this Distiller uses them. {REBUILD}"
-            )
-        for name, setting in settings.items():
-            if setting != self.term_settings[name]:
-                raise ValueError(
-                    f"The cache's targets of term {name!r} were formed with "
-                    f"{self.term_settings[name]}, but this Distiller uses "
-                    f"{setting}. {REBUILD}"
-                )
-        fingerprint = teacher_fingerprint(distiller.teacher)
-        if fingerprint != self.fingerprint:
-            raise ValueError(
-                "The teacher's weights differ from those the cache was built "
-                f"with (fingerprint {fingerprint[:12]}… vs {self.fingerprint[:12]}"
-                "…): the teacher changed after caching, or this is another "
-                f"teacher. {REBUILD}"
-            )
-        prefixes = [f"{TARGET_PREFIX}{name}/" for name in settings]
-        return [key for key in self.targets if key.startswith(tuple(prefixes))]
+        return matching_target_keys(
+            distiller, self.term_settings, self.fingerprint, self.targets
+        )
 
     def _size_error(self, found, what):
         return ValueError(
