@@ -75,7 +75,11 @@ from keras_gramkd.network import (
     check_separate,
     symbolic_output,
 )
-from keras_gramkd.replicas import scale_for_replicas, unscale_for_replicas
+from keras_gramkd.replicas import (
+    check_strategy,
+    scale_for_replicas,
+    unscale_for_replicas,
+)
 from keras_gramkd.task_loss import TaskLoss
 from keras_gramkd.term_list import (
     ActiveTerms,
@@ -420,6 +424,7 @@ class Distiller(keras.Model):
         **kwargs,
     ):
         """`keras.Model.fit`, plus the data checks described in the class."""
+        check_strategy(self)
         self._active.check_left_out()
         check_arrays(x, y)
         check_mask_values(x)
@@ -465,6 +470,7 @@ class Distiller(keras.Model):
         **kwargs,
     ):
         """`keras.Model.evaluate`, plus the `modality_mask` value check."""
+        check_strategy(self)
         self._active.check_left_out()
         check_mask_values(x)
         evaluate = super().evaluate

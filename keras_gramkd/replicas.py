@@ -11,6 +11,7 @@ checks the result against one device on every backend.
 (2.0, 2.0)
 """
 
+import keras
 from keras.src.losses.loss import (
     scale_loss_for_distribution,
     unscale_loss_for_distribution,
@@ -27,3 +28,26 @@ def scale_for_replicas(loss):
 def unscale_for_replicas(loss):
     """The inverse of `scale_for_replicas`: the value a metric reports."""
     return unscale_loss_for_distribution(loss)
+
+
+MULTI_WORKER_MESSAGE = (
+    "Keras 3 cannot fit or evaluate any model under "
+    "tf.distribute.MultiWorkerMirroredStrategy: its TensorFlow trainer fails "
+    "with 'Attempt to convert a value (PerReplica...)' for a plain keras.Model "
+    "too (keras-team/keras#20585). Across machines, use the JAX backend with "
+    "keras.distribution.initialize and DataParallel; on one machine, "
+    "tf.distribute.MirroredStrategy."
+)
+
+
+def check_strategy(model):
+    """Raises a ValueError under a TensorFlow strategy Keras cannot train with.
+
+    >>> check_strategy(keras.Sequential())  # the default strategy: nothing
+    """
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise ValueError(MULTI_WORKER_MESSAGE)

@@ -11,6 +11,7 @@ step in 2 processes.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 CHILD = os.path.join(SCRIPTS, "distribution_child.py")
 TOLERANCE = 1e-5
 TIMEOUT = 300
-DDP_WAIT = 180  # s for both DDP children, imports included; gloo gives up at 60
+DDP_WAIT = 180  # s for a group of children, imports included; gloo gives up at 60
 BACKEND = keras.backend.backend()
 
 
@@ -94,6 +95,31 @@ def test_tf_mirrored_strategy_matches_single_device(tmp_path):
     _check(result)
 
 
+@pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="tf.distribute.MultiWorkerMirroredStrategy"
+)
+def test_tf_multi_worker_strategy_is_refused_as_keras_fails_under_it(tmp_path):
+    """Two worker processes on localhost: Keras 3's own fit and evaluate fail
+    under MultiWorkerMirroredStrategy for a plain keras.Model
+    (keras-team/keras#20585), and the Distiller says so in its own error.
+    When Keras fixes it, the plain model's check fails: lift the refusal."""
+    from keras_gramkd.replicas import MULTI_WORKER_MESSAGE
+
+    out = tmp_path / "workers.json"
+    ports = ",".join(map(str, _free_ports(2)))
+    args = [["--worker", str(index), ports, str(out)] for index in range(2)]
+    result = _run_group(tmp_path, args, _env(), out)
+    assert result["replicas"] == 2
+    errors = result["errors"]
+    for method in ("fit", "evaluate"):
+        assert errors[f"distiller_{method}"] == MULTI_WORKER_MESSAGE
+        plain = errors[f"plain_{method}"]
+        assert plain is not None, f"Keras now runs {method} under the strategy"
+        assert (
+            plain.startswith("Attempt to convert a value (") and "PerReplica" in plain
+        )
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="Keras' distribution API on torch")
 def test_torch_has_no_keras_distribution_api():
     """Keras' torch backend has no distribution backend: say so, loudly."""
@@ -113,15 +139,34 @@ def _ddp_env():
 def _run_ddp_children(tmp_path, world=2):
     """Start `world` DDP children; wait for all, or kill all and say why."""
     out, rendezvous = tmp_path / "ddp.json", tmp_path / "rendezvous"
+    args = [
+        ["--ddp", str(rank), str(world), str(rendezvous), str(out)]
+        for rank in range(world)
+    ]
+    return _run_group(tmp_path, args, _ddp_env(), out)
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _run_group(tmp_path, args, env, out):
+    """Start one child per list of `args`; wait for all, or kill all and say why."""
+    world = len(args)
     logs = [tmp_path / f"rank{rank}.log" for rank in range(world)]
     procs = []
     for rank, log in enumerate(logs):
         with open(log, "w") as f:  # a file, not a pipe: no child blocks on it
-            args = ["--ddp", str(rank), str(world), str(rendezvous), str(out)]
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, CHILD, *args],
-                    env=_ddp_env(),
+                    [sys.executable, CHILD, *args[rank]],
+                    env=env,
                     stdout=f,
                     stderr=subprocess.STDOUT,
                 )
@@ -143,7 +188,7 @@ def _run_ddp_children(tmp_path, world=2):
                 p.kill()
             p.wait()
     elapsed, codes = time.monotonic() - start, [p.returncode for p in procs]
-    report = [f"DDP children: exit codes {codes} after {elapsed:.0f} s"]
+    report = [f"Children: exit codes {codes} after {elapsed:.0f} s"]
     report += [f"--- rank {r} ---\n{log.read_text()}" for r, log in enumerate(logs)]
     assert codes == [0] * world, "\n".join(report)
     return json.loads(out.read_text())

@@ -2,6 +2,7 @@
 
     python distribution_child.py OUT.json
     python distribution_child.py --ddp RANK WORLD RENDEZVOUS OUT.json   (torch)
+    python distribution_child.py --worker INDEX PORT,PORT OUT.json   (tensorflow)
 
 On the backend of KERAS_BACKEND: `jax` (run with
 XLA_FLAGS=--xla_force_host_platform_device_count=2) trains under
@@ -10,6 +11,10 @@ XLA_FLAGS=--xla_force_host_platform_device_count=2) trains under
 initial weights, on one fixed batch of 32, it records `evaluate` and one
 `fit` step on a single device and under the distribution, and the student's
 weights after that step, and writes them to OUT.json.
+
+With --worker the child is one worker of a `MultiWorkerMirroredStrategy`
+cluster on localhost (TF_CONFIG, one CPU each); worker 0 writes the errors of
+`fit` and `evaluate`, for the Distiller and for a plain `keras.Model`.
 
 `torch` has no Keras distribution API; with --ddp the child is one process
 of a PyTorch DistributedDataParallel group (gloo, CPU) that takes one plain
@@ -43,7 +48,8 @@ if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 BACKEND = os.environ.get("KERAS_BACKEND")
-if BACKEND == "tensorflow":
+WORKER = sys.argv[1:2] == ["--worker"]  # one process of a multi-worker group
+if BACKEND == "tensorflow" and not WORKER:
     import tensorflow as tf
 
     _cpu = tf.config.list_physical_devices("CPU")[0]
@@ -180,6 +186,41 @@ def ddp_step(rank, world, rendezvous, out):
     dist.destroy_process_group()
 
 
+def worker_step(index, ports, out):
+    """This process as one of ``len(ports)`` workers of a
+    `tf.distribute.MultiWorkerMirroredStrategy` cluster on localhost (one CPU
+    each): the errors of `fit` and `evaluate` of the Distiller and of a plain
+    `keras.Model`, which Keras 3 cannot run under this strategy either."""
+    import tensorflow as tf
+
+    workers = [f"localhost:{port}" for port in ports]
+    os.environ["TF_CONFIG"] = json.dumps(
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+    )
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        distiller = build()
+        plain = net("p", 4)
+        plain.compile(
+            keras.optimizers.SGD(0.5),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=False,
+        )
+    x, y = data()
+    errors = {}
+    for name, model in (("distiller", distiller), ("plain", plain)):
+        for method in ("fit", "evaluate"):
+            try:
+                getattr(model, method)(x, y, batch_size=BATCH, verbose=0)
+                errors[f"{name}_{method}"] = None
+            except ValueError as error:
+                errors[f"{name}_{method}"] = str(error)
+    if index == 0:
+        result = {"replicas": strategy.num_replicas_in_sync, "errors": errors}
+        with open(out, "w") as f:
+            json.dump(result, f)
+
+
 def main(out):
     single = build()
     initial = single.get_weights()
@@ -192,7 +233,13 @@ def main(out):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--ddp":
+    if WORKER:
+        index, ports, out = sys.argv[2:5]
+        worker_step(int(index), [int(p) for p in ports.split(",")], out)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # skip finalisation: the collective's threads may linger
+    elif sys.argv[1] == "--ddp":
         rank, world, rendezvous, out = sys.argv[2:6]
         ddp_step(int(rank), int(world), rendezvous, out)
         sys.stdout.flush()
