@@ -5,7 +5,9 @@ the device count must be set before the backend initialises: JAX with
 `keras.distribution.DataParallel` over 2 virtual CPU devices, TensorFlow with
 `tf.distribute.MirroredStrategy` over 2 logical CPU devices, and PyTorch,
 which has no Keras distribution API, with a plain `DistributedDataParallel`
-step in 2 processes.
+step in 2 processes. Across processes: JAX with `keras.distribution.initialize`
+in 2 processes streaming the sharded teacher cache, and TensorFlow's
+`MultiWorkerMirroredStrategy`, which Keras 3 cannot train under, refused.
 """
 
 import json
@@ -75,6 +77,47 @@ def test_jax_data_parallel_matches_single_device(tmp_path):
     result = _run_child(tmp_path)
     assert result["devices"] == ["cpu:0", "cpu:1"]
     _check(result)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution.initialize: JAX")
+def test_two_jax_processes_match_single_device_from_the_sharded_cache(tmp_path):
+    """Two JAX processes (one CPU each, gloo) under keras.distribution.initialize
+    and DataParallel, each streaming its own shard of the sharded teacher cache
+    (KD and the Gram term): the losses and the student's weights after one step
+    are within 1e-5 of one process on the whole batch."""
+    from keras_gramkd.cache import ShardedTeacherCache
+
+    child = _import_child()
+    distiller = child.build()
+    x, y = child.data()
+    folder = str(tmp_path / "cache")
+    ShardedTeacherCache.write(distiller, x, folder, shard_size=child.BATCH // 2)
+    before = child.student_weights(distiller)
+    single = distiller.fit(  # one step on the whole batch, with the live teacher
+        x, y, batch_size=child.BATCH, shuffle=False, verbose=0
+    ).history
+
+    out = tmp_path / "processes.json"
+    (port,) = _free_ports(1)
+    args = [["--jax-process", str(i), str(port), folder, str(out)] for i in range(2)]
+    env = {k: v for k, v in _env().items() if k != "XLA_FLAGS"}  # one CPU each
+    result = _run_group(tmp_path, args, env, out)
+    assert len(result["devices"]) == 2 and len(result["local"]) == 1
+    assert set(result["fit"]) >= {"loss", "task_loss", "kd_loss", "gram_loss"}
+    for name, values in single.items():
+        assert abs(result["fit"][name] - values[0]) <= TOLERANCE, name
+    after = child.student_weights(distiller)
+    assert _max_difference(after, before) > 1e-3
+    assert _max_difference(result["weights"], after) <= TOLERANCE
+
+
+def _import_child():
+    sys.path.insert(0, SCRIPTS)
+    try:
+        import distribution_child
+    finally:
+        sys.path.remove(SCRIPTS)
+    return distribution_child
 
 
 @pytest.mark.skipif(
@@ -197,11 +240,7 @@ def _run_group(tmp_path, args, env, out):
 @pytest.mark.skipif(BACKEND != "torch", reason="PyTorch DistributedDataParallel")
 def test_torch_ddp_step_matches_single_device(tmp_path):
     """A plain DDP step in 2 processes matches a single-device Keras fit step."""
-    sys.path.insert(0, SCRIPTS)
-    try:
-        import distribution_child as child
-    finally:
-        sys.path.remove(SCRIPTS)
+    child = _import_child()
     result = _run_ddp_children(tmp_path)
 
     distiller = child.build()

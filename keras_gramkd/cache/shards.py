@@ -349,6 +349,7 @@ class ShardedTeacherCache:
         shuffle=True,
         seed=0,
         distiller=None,
+        shards=None,
     ):
         """A `keras.utils.PyDataset` of ``(x + targets, y[, sample_weight])``.
 
@@ -361,6 +362,8 @@ class ShardedTeacherCache:
                 every epoch (drawn from `seed`); False keeps the order.
             distiller: the `Distiller` that will train: its teacher and term
                 settings must match the cache's.
+            shards: the shard indexes to read (default: all), e.g. each
+                process of a data-parallel run its own.
         """
         if distiller is None:
             raise ValueError(
@@ -383,8 +386,15 @@ class ShardedTeacherCache:
                 f"The cache holds {len(self)} samples but the data has {n}: it "
                 f"was written from other data. {REWRITE}"
             )
+        shards = list(range(self.num_shards) if shards is None else shards)
+        bad = [i for i in shards if not 0 <= i < self.num_shards]
+        if bad or not shards:
+            raise ValueError(
+                f"shards must name some of the cache's {self.num_shards} shards "
+                f"(0 to {self.num_shards - 1}); got {shards}."
+            )
         return ShardedBatches(
-            self, x, y, sample_weight, keys, batch_size, shuffle, seed
+            self, x, y, sample_weight, keys, batch_size, shuffle, seed, shards
         )
 
 
@@ -395,7 +405,9 @@ class ShardedBatches(keras.utils.PyDataset):
     against the checksums written with their targets.
     """
 
-    def __init__(self, cache, x, y, sample_weight, keys, batch_size, shuffle, seed):
+    def __init__(
+        self, cache, x, y, sample_weight, keys, batch_size, shuffle, seed, shards
+    ):
         super().__init__()
         self.cache, self.x, self.y, self.sample_weight = cache, x, y, sample_weight
         self.keys = keys
@@ -404,13 +416,12 @@ class ShardedBatches(keras.utils.PyDataset):
         self.rng = np.random.default_rng(seed)
         size, n = cache.manifest["shard_size"], len(cache)
         self.shard_rows = [min(size, n - i * size) for i in range(cache.num_shards)]
+        self.shards = shards
         self._plan()
 
     def _plan(self):
         """This epoch's batches: (shard, sorted rows within it)."""
-        order = range(len(self.shard_rows))
-        if self.shuffle:
-            order = self.rng.permutation(len(self.shard_rows))
+        order = self.rng.permutation(self.shards) if self.shuffle else self.shards
         self.batches = []
         for shard in order:
             rows = np.arange(self.shard_rows[shard])

@@ -3,6 +3,7 @@
     python distribution_child.py OUT.json
     python distribution_child.py --ddp RANK WORLD RENDEZVOUS OUT.json   (torch)
     python distribution_child.py --worker INDEX PORT,PORT OUT.json   (tensorflow)
+    python distribution_child.py --jax-process INDEX PORT CACHE OUT.json   (jax)
 
 On the backend of KERAS_BACKEND: `jax` (run with
 XLA_FLAGS=--xla_force_host_platform_device_count=2) trains under
@@ -15,6 +16,10 @@ weights after that step, and writes them to OUT.json.
 With --worker the child is one worker of a `MultiWorkerMirroredStrategy`
 cluster on localhost (TF_CONFIG, one CPU each); worker 0 writes the errors of
 `fit` and `evaluate`, for the Distiller and for a plain `keras.Model`.
+
+With --jax-process the child is one of 2 JAX processes (one CPU each, gloo
+collectives) under `keras.distribution.initialize`; it trains one step from
+the sharded teacher cache CACHE, reading its own shard.
 
 `torch` has no Keras distribution API; with --ddp the child is one process
 of a PyTorch DistributedDataParallel group (gloo, CPU) that takes one plain
@@ -221,6 +226,42 @@ def worker_step(index, ports, out):
             json.dump(result, f)
 
 
+def jax_process_step(index, port, cache_dir, out):
+    """This process as one of 2 JAX processes (one CPU each) under
+    `keras.distribution.initialize` and `DataParallel`: one `fit` step on the
+    batch of 32, streamed from the sharded teacher cache in `cache_dir`, this
+    process reading its own shard (its 16 rows of the batch)."""
+    import jax
+
+    from keras_gramkd.cache import ShardedTeacherCache
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    keras.distribution.initialize(
+        f"localhost:{port}", num_processes=2, process_id=index
+    )
+    parallel = keras.distribution.DataParallel(devices=jax.devices())
+    parallel.auto_shard_dataset = False  # each process reads its own shard
+    keras.distribution.set_distribution(parallel)
+    distiller = build()
+    x, y = data()
+    stream = ShardedTeacherCache.open(cache_dir).dataset(
+        x, y, batch_size=BATCH // 2, shuffle=False, distiller=distiller, shards=[index]
+    )
+    history = distiller.fit(stream, epochs=1, shuffle=False, verbose=0)
+    if index == 0:
+        result = {
+            "devices": [str(d) for d in jax.devices()],
+            "local": [str(d) for d in jax.local_devices()],
+            "fit": {k: float(v[0]) for k, v in history.history.items()},
+            "weights": student_weights(distiller),
+        }
+        with open(out, "w") as f:
+            json.dump(result, f)
+    # Every process leaves together: a process whose coordinator (process 0)
+    # is gone aborts.
+    jax.distributed.shutdown()
+
+
 def main(out):
     single = build()
     initial = single.get_weights()
@@ -239,6 +280,12 @@ if __name__ == "__main__":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)  # skip finalisation: the collective's threads may linger
+    elif sys.argv[1] == "--jax-process":
+        index, port, cache_dir, out = sys.argv[2:6]
+        jax_process_step(int(index), int(port), cache_dir, out)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # skip finalisation: gloo's threads may linger
     elif sys.argv[1] == "--ddp":
         rank, world, rendezvous, out = sys.argv[2:6]
         ddp_step(int(rank), int(world), rendezvous, out)
