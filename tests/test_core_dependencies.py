@@ -21,8 +21,12 @@ APPLICATION_PACKAGES = ("rich", "matplotlib")
 # Every public module of the library (zoo: the reference networks, pure keras).
 CORE_MODULES = tuple(m for m in PUBLIC_MODULES if m != "keras_gramkd.demo")
 # Public names that are not the library's: `gramkd tune`'s entry point, and the
-# hypermodel of the tune extra (keras_tuner imports rich itself).
-NOT_CORE = ("keras_gramkd.tuning.run_tune", "keras_gramkd.tuning.DistillerHyperModel")
+# hypermodels of the tune extra (keras_tuner imports rich itself).
+NOT_CORE = (
+    "keras_gramkd.tuning.run_tune",
+    "keras_gramkd.tuning.DistillerHyperModel",
+    "keras_gramkd.tuning.TermFamilyHyperModel",
+)
 
 # Blocks matplotlib from the start; keras needs rich (one of keras' own
 # dependencies), so rich is blocked once keras is imported, and the rich modules
