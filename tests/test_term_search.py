@@ -265,6 +265,8 @@ def test_the_search_finds_the_hint_that_must_help_with_equal_budgets(tmp_path):
         families=["fitnet"],
         directory=str(tmp_path),
         keep_students=True,
+        epochs=20,  # measured lower ends of the interval: +18 to +31 points
+        seeds=4,
     )
     assert [r["family"] for r in result.rows] == ["kd", "fitnet"]
     # The same budget for every family: in the rows and in the tuners' folders.
@@ -279,7 +281,7 @@ def test_the_search_finds_the_hint_that_must_help_with_equal_budgets(tmp_path):
     stats = pytest.importorskip("scipy.stats")
     (x_test, y_test) = _task()[3]
     seeds = result.config["seeds"]
-    assert seeds == [1, 2, 3]
+    assert seeds == [1, 2, 3, 4]
 
     def accuracy(family, seed):
         student = result.confirmation.students[(family, seed)]
