@@ -5,7 +5,7 @@ Every family searches KD's weight and temperature, its own weight on a log
 range of two decades around its published scale, and its own options:
 
     kd            kd_weight log-uniform in [0.1, 10], temperature in 1, 2, 4, 8
-    gram          + GramTerm: gram_weight around 3 (the demo's weight), the
+    gram          + GramTerm: gram_weight near 3 (the weight of `gramkd demo`), the
                   modality set (one of `modalities`), the normalisation
                   ("l2", "none", "dim", "centered": what `ModalityGram` offers)
     modality_sp   + ModalitySPTerm: weight around 3000, the modality set
