@@ -35,10 +35,12 @@ Example:
 
 import dataclasses
 
+import keras
 import numpy as np
 
 # The names live with the command line, which lists them without keras.
 from gramkd.options import DEFAULT_SETTING, SETTINGS
+from keras_gramkd import zoo
 from keras_gramkd.datasets import load_mfeat
 from keras_gramkd.datasets.mfeat import check_views
 
@@ -82,6 +84,27 @@ class SettingData:
     @property
     def has_unlabelled(self):
         return bool(np.any(self.student_train[1] == UNLABELLED))
+
+    def task_loss(self):
+        """A new task loss: sparse cross-entropy on logits, skipping the
+        unlabelled rows where the setting has some."""
+        ignore = UNLABELLED if self.has_unlabelled else None
+        return keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, ignore_class=ignore
+        )
+
+    def build_student(self, input_dims):
+        """A new student of this setting (its noise, dropout and fusion)."""
+        return zoo.build_student(
+            input_dims, self.student_noise, self.modality_dropout, fusion=self.fusion
+        )
+
+    @property
+    def distiller_kwargs(self):
+        """The `Distiller` arguments the setting's student needs, or None."""
+        if self.modality_dropout:
+            return {"student_mask_layer": zoo.STUDENT_MASK_LAYER}
+        return None
 
 
 def check_setting(setting):

@@ -34,7 +34,6 @@ from keras_gramkd.demo.methods import (
 from keras_gramkd.demo.settings import (
     DEFAULT_SETTING,
     TEST_NOISE_SEED,
-    UNLABELLED,
     add_fixed_noise,
     check_setting,
     load_setting,
@@ -171,13 +170,6 @@ def _train_teacher(data, dims, epochs, progress):
     return teacher, seconds
 
 
-def _task_loss(data):
-    ignore = UNLABELLED if data.has_unlabelled else None
-    return lambda: keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, ignore_class=ignore
-    )
-
-
 def _compare(teacher, data, cfg, methods, progress):
     """`compare_methods` on the setting's students, paired against kd."""
     views = cfg["views"]
@@ -186,9 +178,7 @@ def _compare(teacher, data, cfg, methods, progress):
     dims = {v: x_train[v].shape[1] for v in views}
     return compare_methods(
         teacher,
-        lambda: zoo.build_student(
-            dims, data.student_noise, data.modality_dropout, fusion=data.fusion
-        ),
+        lambda: data.build_student(dims),
         data.student_train,
         data.student_test,
         methods,
@@ -198,18 +188,14 @@ def _compare(teacher, data, cfg, methods, progress):
         batch_size=zoo.BATCH_SIZE,
         steps_per_epoch=steps,
         optimizer=lambda: keras.optimizers.Adam(zoo.STUDENT_LEARNING_RATE),
-        loss=_task_loss(data),
+        loss=data.task_loss,
         validation=data.student_test,
         modalities=list(views),
         teacher_modalities=zoo.view_addresses("t", views),
         student_modalities=zoo.view_addresses("s", views),
         gram_normalize=cfg["gram_normalize"],
         teacher_test=data.teacher_test,
-        distiller_kwargs=(
-            {"student_mask_layer": zoo.STUDENT_MASK_LAYER}
-            if data.modality_dropout
-            else None
-        ),
+        distiller_kwargs=data.distiller_kwargs,
         on_run_end=progress.run_done,
         keep_students=True,
     )

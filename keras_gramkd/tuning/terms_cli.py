@@ -78,12 +78,9 @@ def run_term_search(args, views, directory, teacher_for, console):
     )
     dims = {v: train[0][v].shape[1] for v in views}
     features, modalities = demo_candidates(views, data.fusion)
-    ignore = UNLABELLED if data.has_unlabelled else None
     result = search_terms(
         teacher,
-        lambda: zoo.build_student(
-            dims, data.student_noise, data.modality_dropout, fusion=data.fusion
-        ),
+        lambda: data.build_student(dims),
         train,
         validation,
         data.student_test,
@@ -97,15 +94,9 @@ def run_term_search(args, views, directory, teacher_for, console):
         search_seed=args.seed,
         tuner=args.tuner,
         optimizer=lambda: keras.optimizers.Adam(zoo.STUDENT_LEARNING_RATE),
-        loss=lambda: keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, ignore_class=ignore
-        ),
+        loss=data.task_loss,
         teacher_test=data.teacher_test,
-        distiller_kwargs=(
-            {"student_mask_layer": zoo.STUDENT_MASK_LAYER}
-            if data.modality_dropout
-            else None
-        ),
+        distiller_kwargs=data.distiller_kwargs,
         directory=os.path.join(directory, "terms"),
         overwrite=args.overwrite,
         jit_compile=False if keras.backend.backend() == "tensorflow" else "auto",
