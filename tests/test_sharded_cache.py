@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -92,6 +93,46 @@ def test_training_from_the_shards_equals_training_from_memory(tmp_path):
     np.testing.assert_allclose(history["loss"], reference["loss"], rtol=1e-5)
     for a, b in zip(streamed.student.weights, in_memory.student.weights, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_reader_thread_ahead_trains_the_same(tmp_path):
+    """`workers=2` (PyDataset's read-ahead threads) gives the batches of the
+    training thread's reads: the same losses and weights over two shuffled
+    epochs; an unknown PyDataset argument is refused by name."""
+    x, y = _data()
+    ahead, inline = _distiller(), _distiller()
+    cache = ShardedTeacherCache.write(ahead, x, str(tmp_path), SHARD, BATCH)
+    histories = [
+        model.fit(
+            cache.dataset(x, y, batch_size=BATCH, seed=5, distiller=model, **kwargs),
+            epochs=2,
+            shuffle=False,  # the dataset shuffles itself, shard by shard
+            verbose=0,
+        ).history
+        for model, kwargs in ((ahead, {"workers": 2}), (inline, {}))
+    ]
+    np.testing.assert_allclose(histories[0]["loss"], histories[1]["loss"], rtol=1e-6)
+    for a, b in zip(ahead.student.weights, inline.student.weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="worker"):
+        cache.dataset(x, y, distiller=ahead, worker=2)
+
+
+def test_a_pickled_cache_reads_the_same_rows(tmp_path):
+    """A cache sent to another process (PyDataset's multiprocessing workers)
+    reopens its shards there."""
+    distiller = _distiller()
+    x, _ = _data()
+    cache = ShardedTeacherCache.write(distiller, x, str(tmp_path), SHARD, BATCH)
+    rows = np.array([1, 5, 30])
+    cache.read(0, "teacher/kd/logits", rows)  # a map open in this one
+    copy = pickle.loads(pickle.dumps(cache))
+    for index in range(cache.num_shards):
+        some = rows[rows < cache.shard_index(index)["rows"]]
+        np.testing.assert_array_equal(
+            copy.read(index, "teacher/kd/logits", some),
+            cache.read(index, "teacher/kd/logits", some),
+        )
 
 
 def test_a_shuffled_epoch_covers_every_row_once_and_keeps_rows_aligned(tmp_path):

@@ -13,12 +13,13 @@ write in parallel.
 
 `ShardedTeacherCache.open` reads the manifest; `dataset` gives a
 `keras.utils.PyDataset` that streams each batch's inputs, labels and targets
-together on every backend. Each batch reads its rows through a memory map that
-is closed again, so memory stays bounded by a batch, whatever the cache's
-size. Nothing trains on a wrong target: a shard whose files differ from their
-sha256 (checked at a shard's first read in the process), a missing or
-truncated shard, and a batch whose inputs differ from those the targets were
-made from are each refused with a message naming the shard.
+together on every backend. Each batch reads its rows through memory maps; only
+the last two shards' maps stay open, so memory stays bounded by two shards,
+whatever the cache's size. Nothing trains on a wrong target: a shard whose
+files differ from their sha256 (checked at a shard's first read in the
+process), a missing or truncated shard, and a batch whose inputs differ from
+those the targets were made from are each refused with a message naming the
+shard.
 
 Why `.npy` files: a memory map reads only the rows a batch needs, with numpy
 alone (no TensorFlow in the data path on JAX and PyTorch), at the speed of
@@ -50,6 +51,7 @@ import json
 import math
 import os
 import shutil
+import threading
 
 import keras
 import numpy as np
@@ -74,6 +76,7 @@ FORMAT_VERSION = 1
 CHECKSUMS = "checksums"
 REWRITE = "Write the cache again into a new folder (ShardedTeacherCache.write)."
 _HASH_CHUNK = 1 << 22
+OPEN_SHARDS = 2  # shards whose memory maps stay open (2: a reader thread ahead)
 
 
 def _shard_folder(directory, index):
@@ -114,6 +117,8 @@ class ShardedTeacherCache:
         self.manifest = manifest
         self.term_settings = _read_settings(manifest["term_settings"])
         self._verified = set()  # shard indexes whose sha256 matched
+        self._maps = {}  # shard index -> {key: memory map}, the last OPEN_SHARDS
+        self._maps_lock = threading.Lock()
 
     # --- writing -------------------------------------------------------------
 
@@ -281,6 +286,12 @@ class ShardedTeacherCache:
             )
         return cls(directory, manifest)
 
+    def __getstate__(self):  # for PyDataset workers in other processes
+        return {"directory": self.directory, "manifest": self.manifest}
+
+    def __setstate__(self, state):
+        self.__init__(state["directory"], state["manifest"])
+
     def __len__(self):
         return self.manifest["samples"]
 
@@ -331,14 +342,25 @@ class ShardedTeacherCache:
         """Rows `rows` (sorted indexes within shard `index`) of one stored array.
 
         The shard's files are checked (`verify_shard`) at its first read in
-        this process; the rows are read through a memory map closed at return.
+        this process; the rows are read through a memory map. The maps of the
+        last `OPEN_SHARDS` shards read stay open (opening a map costs more
+        than reading a batch through it); an older shard's close, so memory
+        holds at most those shards' pages, whatever the cache's size.
         """
         if index not in self._verified:
             self.verify_shard(index)
-        folder = _shard_folder(self.directory, index)
-        # Indexing with an array copies the rows; the map closes with its
-        # last reference, at return.
-        return np.load(os.path.join(folder, _file_name(key)), mmap_mode="r")[rows]
+        with self._maps_lock:  # PyDataset workers read from threads
+            maps = self._maps.get(index)
+            if maps is None:
+                while len(self._maps) >= OPEN_SHARDS:
+                    self._maps.pop(next(iter(self._maps)))  # the oldest closes
+                maps = self._maps[index] = {}
+            if key not in maps:
+                folder = _shard_folder(self.directory, index)
+                path = os.path.join(folder, _file_name(key))
+                maps[key] = np.load(path, mmap_mode="r")
+            array = maps[key]
+        return array[rows]  # indexing with an array copies the rows
 
     def dataset(
         self,
@@ -350,6 +372,7 @@ class ShardedTeacherCache:
         seed=0,
         distiller=None,
         shards=None,
+        **kwargs,
     ):
         """A `keras.utils.PyDataset` of ``(x + targets, y[, sample_weight])``.
 
@@ -364,6 +387,10 @@ class ShardedTeacherCache:
                 settings must match the cache's.
             shards: the shard indexes to read (default: all), e.g. each
                 process of a data-parallel run its own.
+            **kwargs: `keras.utils.PyDataset`'s ``workers``,
+                ``use_multiprocessing`` and ``max_queue_size``: with
+                ``workers=2``, a thread reads the next batches while the
+                current one trains.
         """
         if distiller is None:
             raise ValueError(
@@ -394,7 +421,7 @@ class ShardedTeacherCache:
                 f"(0 to {self.num_shards - 1}); got {shards}."
             )
         return ShardedBatches(
-            self, x, y, sample_weight, keys, batch_size, shuffle, seed, shards
+            self, x, y, sample_weight, keys, batch_size, shuffle, seed, shards, **kwargs
         )
 
 
@@ -406,9 +433,19 @@ class ShardedBatches(keras.utils.PyDataset):
     """
 
     def __init__(
-        self, cache, x, y, sample_weight, keys, batch_size, shuffle, seed, shards
+        self,
+        cache,
+        x,
+        y,
+        sample_weight,
+        keys,
+        batch_size,
+        shuffle,
+        seed,
+        shards,
+        **kwargs,
     ):
-        super().__init__()
+        super().__init__(**kwargs)
         self.cache, self.x, self.y, self.sample_weight = cache, x, y, sample_weight
         self.keys = keys
         self.batch_size = _check_count("batch_size", batch_size)
