@@ -463,6 +463,9 @@ class Run:
     """One variant ready to fit: a compiled model, its data, its counters."""
 
     def __init__(self, name, model, x, y, batch_size, counters, note=""):
+        """`x` may be a `keras.utils.PyDataset` of the batches (`y` and
+        `batch_size` then only count the steps), fitted with ``shuffle=False``:
+        it orders its batches itself."""
         self.name, self.note = name, note
         self.model, self.x, self.y = model, x, y
         self.batch_size = batch_size
@@ -478,14 +481,11 @@ class Run:
         for counter in self.counters.values():
             counter.executed.assign(0)
         timer = _EpochTimer()
-        self.model.fit(
-            self.x,
-            self.y,
-            batch_size=self.batch_size,
-            epochs=epochs,
-            verbose=0,
-            callbacks=[timer],
-        )
+        if isinstance(self.x, keras.utils.PyDataset):
+            data = {"x": self.x, "shuffle": False}
+        else:
+            data = {"x": self.x, "y": self.y, "batch_size": self.batch_size}
+        self.model.fit(**data, epochs=epochs, verbose=0, callbacks=[timer])
         for role, counter in self.counters.items():
             self.executed[role] += int(ops.convert_to_numpy(counter.executed.value))
         self.steps += epochs * self.steps_per_epoch

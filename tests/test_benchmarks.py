@@ -157,19 +157,40 @@ def test_gram_ops_compares_both_forms(tmp_path):
     assert point["value_difference"] < 1e-6  # the two forms agree
 
 
-def test_shard_read_compares_the_storages_and_fit(tmp_path):
+def test_shard_read_compares_storages_pipelines_fit_and_memory(tmp_path):
     data = _run("shard_read.py", tmp_path)
-    rates = data["read_rows_per_s"]
-    names = ["npy_mmap", "npz_shard", "in_memory"]
-    if data["machine"]["backend"] == "tensorflow":
-        names.append("tfrecord")
-    assert sorted(rates) == sorted(names)
-    assert all(_positive(rate) for rate in rates.values())
-    fit = data["fit"]
-    assert fit["ratio"] == pytest.approx(
-        fit["sharded_epoch_s"] / fit["in_memory_epoch_s"]
+    backend = data["machine"]["backend"]
+    rates = data["reads"]["rows_per_s"]
+    pipes = {"pydataset"} | {
+        "tensorflow": {"tf_data"},
+        "torch": {"torch_dataloader"},
+    }.get(backend, set())
+    storages = {"npy_mmap", "npz_shard", "array_record", "in_memory"}
+    assert set(rates) == storages | ({"tfrecord"} if backend == "tensorflow" else set())
+    for storage in storages:
+        assert set(rates[storage]) == pipes
+    assert all(_positive(r) for by_pipe in rates.values() for r in by_pipe.values())
+    assert data["reads"]["settings"]["cache_mib"] == pytest.approx(
+        2048 * 100 * 4 / 2**20
     )
-    assert data["settings"]["cache_mib"] == pytest.approx(2048 * 100 * 4 / 2**20)
+    assert set(data["fit"]) == {"synthetic", "demo", "teacher-sized"}
+    for case in data["fit"].values():
+        epochs = case["median_epoch_s"]
+        assert case["ratio"] == pytest.approx(epochs["sharded"] / epochs["in_memory"])
+        assert case["ratio_read_ahead"] == pytest.approx(
+            epochs["sharded_read_ahead"] / epochs["in_memory"]
+        )
+    memory = data["memory"]
+    assert [(p["scale"], p["storage"]) for p in memory] == [
+        (1, "in_memory"),
+        (1, "sharded"),
+        (4, "in_memory"),
+        (4, "sharded"),
+    ]
+    for point in memory:
+        assert point["targets_mib"] == pytest.approx(point["samples"] * 100 * 4 / 2**20)
+    # the in-memory cache holds every target; the sharded one none
+    assert [p["in_memory_cache_mib"] > 0 for p in memory] == [True, False] * 2
 
 
 def test_gpu_script_dry_run(tmp_path):

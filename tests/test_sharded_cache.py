@@ -231,12 +231,14 @@ def test_what_differs_from_the_writer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="holds 100 samples but the data has 99"):
         cache.dataset({k: v[:99] for k, v in x.items()}, y[:99], distiller=distiller)
     changed = {**x, "a": x["a"].copy()}
-    changed["a"][40] += 1.0  # row 8 of shard 1
+    changed["a"][56] += 1.0  # row 24 of shard 1: in its second batch
     data = cache.dataset(
         changed, y, batch_size=BATCH, shuffle=False, distiller=distiller
     )
     data[1]
-    with pytest.raises(ValueError, match=r"samples of shard 1 of the data differ"):
+    # The whole shard is checked before its first batch.
+    message = r"1 of 16 samples of shard 1 of the data \(its rows 16 to 31\) differ"
+    with pytest.raises(ValueError, match=message + r".*position\(s\) \[8\]"):
         data[2]
     with pytest.raises(ValueError, match="sample_weight needs y"):
         cache.dataset(x, sample_weight=np.ones(N), distiller=distiller)

@@ -17,9 +17,9 @@ together on every backend. Each batch reads its rows through memory maps; only
 the last two shards' maps stay open, so memory stays bounded by two shards,
 whatever the cache's size. Nothing trains on a wrong target: a shard whose
 files differ from their sha256 (checked at a shard's first read in the
-process), a missing or truncated shard, and a batch whose inputs differ from
-those the targets were made from are each refused with a message naming the
-shard.
+process), a missing or truncated shard, and inputs that differ from those the
+targets were made from (each shard's checked before its first batch) are each
+refused with a message naming the shard.
 
 Why `.npy` files: a memory map reads only the rows a batch needs, with numpy
 alone (no TensorFlow in the data path on JAX and PyTorch), at the speed of
@@ -43,7 +43,7 @@ Example:
 >>> len(cache), cache.num_shards
 (100, 4)
 >>> data = cache.dataset(x, y, batch_size=16, distiller=distiller)
->>> history = distiller.fit(data, epochs=1, verbose=0)
+>>> history = distiller.fit(data, epochs=1, shuffle=False, verbose=0)
 """
 
 import hashlib
@@ -428,8 +428,8 @@ class ShardedTeacherCache:
 class ShardedBatches(keras.utils.PyDataset):
     """Batches of inputs, labels and cached targets read shard by shard.
 
-    Made by `ShardedTeacherCache.dataset`. Each batch's inputs are checked
-    against the checksums written with their targets.
+    Made by `ShardedTeacherCache.dataset`. A shard's inputs are checked against
+    the checksums written with its targets before its first batch.
     """
 
     def __init__(
@@ -454,6 +454,7 @@ class ShardedBatches(keras.utils.PyDataset):
         size, n = cache.manifest["shard_size"], len(cache)
         self.shard_rows = [min(size, n - i * size) for i in range(cache.num_shards)]
         self.shards = shards
+        self._checked = set()  # shards whose inputs matched their checksums
         self._plan()
 
     def _plan(self):
@@ -471,13 +472,31 @@ class ShardedBatches(keras.utils.PyDataset):
     def __len__(self):
         return len(self.batches)
 
+    def _check_inputs(self, shard):
+        """Checks the inputs of every row of `shard` against the checksums
+        written with its targets, a batch of rows at a time: once per shard
+        and dataset, as the in-memory cache checks its data once, at `attach`.
+        """
+        start, rows = shard * self.cache.manifest["shard_size"], self.shard_rows[shard]
+        keys = self.cache.manifest["checksum_keys"]
+        stored = self.cache.read(shard, CHECKSUMS, np.arange(rows))
+        for first in range(0, rows, self.batch_size):
+            last = min(first + self.batch_size, rows)
+            x = {
+                key: np.asarray(self.x[key][start + first : start + last])
+                for key in keys
+                if key in self.x
+            }
+            where = f"shard {shard} of the data (its rows {first} to {last - 1})"
+            check_inputs(x, keys, stored[first:last], where, REWRITE)
+        self._checked.add(shard)
+
     def __getitem__(self, index):
         shard, rows = self.batches[index]
+        if shard not in self._checked:
+            self._check_inputs(shard)
         where = shard * self.cache.manifest["shard_size"] + rows
         x = {key: np.asarray(value[where]) for key, value in self.x.items()}
-        sums = self.cache.read(shard, CHECKSUMS, rows)
-        keys = self.cache.manifest["checksum_keys"]
-        check_inputs(x, keys, sums, f"shard {shard} of the data", REWRITE)
         x.update({key: self.cache.read(shard, key, rows) for key in self.keys})
         batch = (x,)
         if self.y is not None:
