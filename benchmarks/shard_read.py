@@ -327,11 +327,14 @@ def measure_fit(args, harness, quick):
         ]
         harness.measure(runs, warmup=1, rounds=args.rounds)
         epochs = {run.name: run.result()["median_epoch_s"] for run in runs}
+        fastest = {run.name: min(run.epoch_times) for run in runs}
         results[name] = {
             "samples": len(y),
             "batch_size": batch,
             "shard_size": shard_size,
             "median_epoch_s": epochs,
+            "epoch_times_s": {run.name: run.epoch_times for run in runs},
+            "fastest_ratio": fastest["sharded"] / fastest["in_memory"],
             "ratio": epochs["sharded"] / epochs["in_memory"],
             "ratio_read_ahead": epochs["sharded_read_ahead"] / epochs["in_memory"],
         }
