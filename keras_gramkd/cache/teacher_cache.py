@@ -138,7 +138,9 @@ def _predict(model, x, size):
 
 def _to_storage(targets, dtype):
     if dtype == "float32":
-        return {key: value.astype(np.float32) for key, value in targets.items()}
+        return {
+            key: value.astype(np.float32, copy=False) for key, value in targets.items()
+        }
     for key, value in targets.items():
         finite = np.abs(value[np.isfinite(value)].astype(np.float64))
         largest = float(finite.max()) if finite.size else 0.0
@@ -244,9 +246,11 @@ class TeacherCache:
             outputs.append(_predict(model, batch, sizes[0]))
         if not sizes:
             raise ValueError("The data holds no sample: there is nothing to cache.")
+        # Each key's batches are dropped as it is joined: peak memory is the
+        # targets plus one key's, not twice the targets.
         targets = {
-            key: np.concatenate([output[key] for output in outputs])
-            for key in outputs[0]
+            key: np.concatenate([output.pop(key) for output in outputs])
+            for key in list(outputs[0])
         }
         return cls(
             _to_storage(targets, dtype),
