@@ -31,7 +31,7 @@ benchmarks' demo cases, KD + Gram).
 
 Memory: the growth of the peak resident memory over one epoch of `fit` (cache
 build or open included) from each cache, as the data grows: the synthetic case
-at 1, 4 and 16 times its size, each point in a fresh process.
+at 1, 4 and 16 times its size, each point in a fresh process (two at a time).
 """
 
 import argparse
@@ -391,30 +391,36 @@ def memory_point(args, storage, samples):
 
 
 def measure_memory(args):
-    points = []
+    """Every point in its own process, two at a time (each measures only its
+    own peak memory)."""
     base = MEMORY_BASE["quick" if args.quick else "full"]
-    for scale in MEMORY_SCALES["quick" if args.quick else "full"]:
-        for storage in ("in_memory", "sharded"):
-            out = os.path.join(tempfile.mkdtemp(), "point.json")
-            command = [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--backend",
-                args.backend,
-                "--jit-compile",
-                args.jit_compile,
-                "--memory-point",
-                f"{storage},{base * scale},{out}",
-            ]
-            if args.quick:
-                command.append("--quick")
-            if args.threads:
-                command += ["--threads", str(args.threads)]
-            subprocess.run(command, check=True, capture_output=True)
-            with open(out) as f:
-                point = json.load(f)
-            points.append(dict(point, scale=scale))
-    return points
+    points = [
+        (scale, storage, os.path.join(tempfile.mkdtemp(), "point.json"))
+        for scale in MEMORY_SCALES["quick" if args.quick else "full"]
+        for storage in ("in_memory", "sharded")
+    ]
+    options = ["--backend", args.backend, "--jit-compile", args.jit_compile]
+    options += ["--quick"] if args.quick else []
+    options += ["--threads", str(args.threads)] if args.threads else []
+    for pair in range(0, len(points), 2):
+        children = [
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), *options]
+                + ["--memory-point", f"{storage},{base * scale},{out}"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for scale, storage, out in points[pair : pair + 2]
+        ]
+        for child in children:
+            _, errors = child.communicate()
+            if child.returncode:
+                raise RuntimeError(f"a memory point failed:\n{errors.decode()[-3000:]}")
+    results = []
+    for scale, _, out in points:
+        with open(out) as f:
+            results.append(dict(json.load(f), scale=scale))
+    return results
 
 
 # ----------------------------------------------------------------------------
