@@ -216,7 +216,7 @@ def _compile(distiller, jit):
     distiller.compile(keras.optimizers.Adam(1e-3), loss, jit_compile=jit)
 
 
-def measure_reads(args, size):
+def measure_reads(args, size, scratch):
     import numpy as np
 
     from keras_gramkd.cache import ShardedTeacherCache
@@ -224,7 +224,7 @@ def measure_reads(args, size):
     n, classes, shard_size, batch = size
     distiller, x, y = _synthetic(n, classes)
     _compile(distiller, args.jit)
-    folder = tempfile.mkdtemp(prefix="shard_read-")
+    folder = os.path.join(scratch, "reads")
     cache = ShardedTeacherCache.write(distiller, x, folder, shard_size, batch_size=512)
     key = "teacher/kd/logits"
     stream = cache.dataset(x, y, batch_size=batch, seed=1, distiller=distiller)
@@ -287,7 +287,7 @@ def _counter_reset(harness, teacher):
     return lambda: counter.executed.assign(0)
 
 
-def measure_fit(args, harness, quick):
+def measure_fit(args, harness, quick, scratch):
     from keras_gramkd.cache import ShardedTeacherCache, TeacherCache
 
     results = {}
@@ -297,7 +297,7 @@ def measure_fit(args, harness, quick):
         # The demo cases' teacher counts its forward passes in a variable that
         # the teacher's fingerprint includes: back to 0 after each teacher run.
         reset = _counter_reset(harness, distiller.teacher)
-        folder = tempfile.mkdtemp(prefix=f"shard_fit-{name}-")
+        folder = os.path.join(scratch, f"fit-{name}")
         sharded = ShardedTeacherCache.write(distiller, x, folder, shard_size, batch)
         reset()
         cache = TeacherCache.build(distiller, x, batch_size=batch)
@@ -354,9 +354,10 @@ def _rss_mib(field):
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_point(args, storage, samples):
+def memory_point(args, storage, samples, out):
     """Peak memory growth of one epoch of fit from `storage` ("in_memory" or
-    "sharded") over `samples` synthetic rows, in this process."""
+    "sharded") over `samples` synthetic rows, in this process (a sharded cache
+    is written beside `out`, the file of the result)."""
     from keras_gramkd.cache import ShardedTeacherCache, TeacherCache
 
     _, classes, _, batch = SIZES["quick" if args.quick else "full"]
@@ -367,7 +368,7 @@ def memory_point(args, storage, samples):
     warm_cache = TeacherCache.build(distiller, warm, batch_size=batch)
     distiller.fit(warm_cache.attach(warm), y[:batch], batch_size=batch, verbose=0)
     if storage == "sharded":
-        folder = tempfile.mkdtemp(prefix="shard_memory-")
+        folder = os.path.splitext(out)[0] + "-cache"
         ShardedTeacherCache.write(distiller, x, folder, shard_size, batch_size=512)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident size
@@ -390,12 +391,12 @@ def memory_point(args, storage, samples):
     }
 
 
-def measure_memory(args):
+def measure_memory(args, scratch):
     """Every point in its own process, two at a time (each measures only its
     own peak memory)."""
     base = MEMORY_BASE["quick" if args.quick else "full"]
     points = [
-        (scale, storage, os.path.join(tempfile.mkdtemp(), "point.json"))
+        (scale, storage, os.path.join(scratch, f"memory-{scale}-{storage}.json"))
         for scale in MEMORY_SCALES["quick" if args.quick else "full"]
         for storage in ("in_memory", "sharded")
     ]
@@ -479,7 +480,7 @@ def main(argv=None):
     configure(args)
     if args.memory_point:
         storage, samples, out = args.memory_point.split(",")
-        point = memory_point(args, storage, int(samples))
+        point = memory_point(args, storage, int(samples), out)
         with open(out, "w") as f:
             json.dump(point, f)
         return
@@ -490,12 +491,13 @@ def main(argv=None):
         "machine": harness.machine_info(),
         "settings": {"quick": args.quick, "rounds": args.rounds, "parts": args.parts},
     }
-    if "reads" in args.parts:
-        data["reads"] = measure_reads(args, size)
-    if "fit" in args.parts:
-        data["fit"] = measure_fit(args, harness, args.quick)
-    if "memory" in args.parts:
-        data["memory"] = measure_memory(args)
+    with tempfile.TemporaryDirectory(prefix="shard_read-") as scratch:
+        if "reads" in args.parts:
+            data["reads"] = measure_reads(args, size, scratch)
+        if "fit" in args.parts:
+            data["fit"] = measure_fit(args, harness, args.quick, scratch)
+        if "memory" in args.parts:
+            data["memory"] = measure_memory(args, scratch)
     _print(harness, data)
     harness.write_json(args.json or harness.default_json("shard_read"), data)
 
