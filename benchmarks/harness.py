@@ -463,9 +463,9 @@ class Run:
     """One variant ready to fit: a compiled model, its data, its counters."""
 
     def __init__(self, name, model, x, y, batch_size, counters, note=""):
-        """`x` may be a `keras.utils.PyDataset` of the batches (`y` and
-        `batch_size` then only count the steps), fitted with ``shuffle=False``:
-        it orders its batches itself."""
+        """`x` may be a `keras.utils.PyDataset` or a `tf.data.Dataset` of the
+        batches (`y` and `batch_size` then only count the steps), fitted with
+        ``shuffle=False``: it orders its batches itself."""
         self.name, self.note = name, note
         self.model, self.x, self.y = model, x, y
         self.batch_size = batch_size
@@ -481,10 +481,10 @@ class Run:
         for counter in self.counters.values():
             counter.executed.assign(0)
         timer = _EpochTimer()
-        if isinstance(self.x, keras.utils.PyDataset):
-            data = {"x": self.x, "shuffle": False}
-        else:
+        if isinstance(self.x, dict):  # arrays
             data = {"x": self.x, "y": self.y, "batch_size": self.batch_size}
+        else:  # a dataset that orders its batches itself
+            data = {"x": self.x, "shuffle": False}
         self.model.fit(**data, epochs=epochs, verbose=0, callbacks=[timer])
         for role, counter in self.counters.items():
             self.executed[role] += int(ops.convert_to_numpy(counter.executed.value))

@@ -24,8 +24,9 @@ over it, PyTorch).
 
 Fit: per case, the median epoch time of a Distiller trained from the in-memory
 cache and from the sharded one (`ShardedTeacherCache.dataset`, read in the
-training thread, and with ``workers=2``: a thread reads ahead), the same batch
-size, interleaved epochs after a warm-up, and the ratios. Cases: ``synthetic``
+training thread, and with ``workers=2``: a thread reads ahead; on TensorFlow
+also `ShardedTeacherCache.tf_dataset`), the same batch size, interleaved epochs
+after a warm-up, and the ratios. Cases: ``synthetic``
 (one 32-d input, 1000 classes, KD), ``demo`` and ``teacher-sized`` (the
 benchmarks' demo cases, KD + Gram).
 
@@ -325,6 +326,13 @@ def measure_fit(args, harness, quick, scratch):
                 counters,
             ),
         ]
+        if args.backend == "tensorflow":
+            tf_data = sharded.tf_dataset(
+                x, y, batch_size=batch, seed=1, distiller=distiller
+            )
+            runs.append(
+                harness.Run("sharded_tf_data", distiller, tf_data, y, batch, counters)
+            )
         harness.measure(runs, warmup=1, rounds=args.rounds)
         epochs = {run.name: run.result()["median_epoch_s"] for run in runs}
         fastest = {run.name: min(run.epoch_times) for run in runs}
@@ -338,6 +346,13 @@ def measure_fit(args, harness, quick, scratch):
             "ratio": epochs["sharded"] / epochs["in_memory"],
             "ratio_read_ahead": epochs["sharded_read_ahead"] / epochs["in_memory"],
         }
+        if "sharded_tf_data" in epochs:
+            results[name]["ratio_tf_data"] = (
+                epochs["sharded_tf_data"] / epochs["in_memory"]
+            )
+            results[name]["fastest_ratio_tf_data"] = (
+                fastest["sharded_tf_data"] / fastest["in_memory"]
+            )
     return results
 
 
@@ -445,7 +460,7 @@ def _print(harness, data):
     if data.get("fit"):
         harness.print_table(
             "One epoch of fit: median epoch seconds and ratio to the in-memory cache",
-            ["case", "in memory", "sharded", "ratio", "read ahead", "ratio"],
+            ["case", "in memory", "sharded", "ratio", "read ahead", "ratio", "tf.data"],
             [
                 [
                     name,
@@ -454,6 +469,7 @@ def _print(harness, data):
                     f"{f['ratio']:.3f}",
                     f"{f['median_epoch_s']['sharded_read_ahead']:.3f}",
                     f"{f['ratio_read_ahead']:.3f}",
+                    f"{f['ratio_tf_data']:.3f}" if "ratio_tf_data" in f else "-",
                 ]
                 for name, f in data["fit"].items()
             ],

@@ -180,6 +180,12 @@ def test_shard_read_compares_storages_pipelines_fit_and_memory(tmp_path):
         assert case["ratio_read_ahead"] == pytest.approx(
             epochs["sharded_read_ahead"] / epochs["in_memory"]
         )
+        if backend == "tensorflow":  # ShardedTeacherCache.tf_dataset
+            assert case["ratio_tf_data"] == pytest.approx(
+                epochs["sharded_tf_data"] / epochs["in_memory"]
+            )
+        else:
+            assert "sharded_tf_data" not in epochs
     memory = data["memory"]
     assert [(p["scale"], p["storage"]) for p in memory] == [
         (1, "in_memory"),

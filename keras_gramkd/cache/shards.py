@@ -424,6 +424,42 @@ class ShardedTeacherCache:
             self, x, y, sample_weight, keys, batch_size, shuffle, seed, shards, **kwargs
         )
 
+    def tf_dataset(self, x, y=None, sample_weight=None, **kwargs):
+        """The batches of `dataset` as a `tf.data.Dataset` (needs TensorFlow).
+
+        The same batches, in the same order, with the same checks; each pass
+        over the dataset (each epoch of `fit`) draws the next order, as
+        `dataset` does at each epoch's end. On the TensorFlow backend it is
+        the faster path: Keras feeds a `PyDataset` to TensorFlow through
+        `tf.data.Dataset.from_generator`, which costs more per batch than
+        reading it (`docs/guide/teacher-cache.md` has the numbers); here
+        `tf.data` reads each batch through one `tf.numpy_function` and
+        prefetches the next while a step trains. It feeds `fit` on JAX and
+        PyTorch too.
+
+        Args:
+            x, y, sample_weight: as `dataset`.
+            **kwargs: `dataset`'s ``batch_size``, ``shuffle``, ``seed``,
+                ``distiller`` and ``shards``.
+        """
+        try:
+            import tensorflow as tf
+        except ImportError:
+            raise ImportError(
+                "tf_dataset needs TensorFlow: pip install 'keras-gramkd[tensorflow]', "
+                "or use cache.dataset(...), a keras.utils.PyDataset, on every "
+                "backend."
+            ) from None
+        bad = sorted(
+            set(kwargs) - {"batch_size", "shuffle", "seed", "distiller", "shards"}
+        )
+        if bad:
+            raise TypeError(
+                f"tf_dataset takes no {bad}: PyDataset's workers and queue do not "
+                "apply to tf.data, which prefetches by itself."
+            )
+        return _as_tf_dataset(self.dataset(x, y, sample_weight, **kwargs), tf)
+
 
 class ShardedBatches(keras.utils.PyDataset):
     """Batches of inputs, labels and cached targets read shard by shard.
@@ -508,3 +544,37 @@ class ShardedBatches(keras.utils.PyDataset):
     def on_epoch_end(self):
         if self.shuffle:
             self._plan()
+
+
+def _as_tf_dataset(batches, tf):
+    """`batches` (a `ShardedBatches`) as a `tf.data.Dataset`; each iteration
+    after the first calls its ``on_epoch_end`` (a new order) first."""
+    first = batches[0]
+    flat = tf.nest.flatten(first)
+    dtypes = [tf.as_dtype(a.dtype) for a in flat]
+    passes = [0]  # iterations started
+
+    def start():
+        if passes[0]:
+            batches.on_epoch_end()
+        passes[0] += 1
+        return np.int64(len(batches))
+
+    def read(index):
+        return tf.nest.flatten(batches[int(index)])
+
+    def batch(index):
+        tensors = tf.numpy_function(read, [index], dtypes, stateful=False)
+        for tensor, array in zip(tensors, flat, strict=True):
+            tensor.set_shape((None,) + array.shape[1:])
+        return tf.nest.pack_sequence_as(first, tensors)
+
+    def one_pass(_):
+        count = tf.numpy_function(start, [], tf.int64, stateful=True)
+        count.set_shape(())
+        return tf.data.Dataset.range(count).map(batch)
+
+    data = tf.data.Dataset.range(1).flat_map(one_pass)
+    # flat_map hides the length: state it, so that fit knows its steps.
+    data = data.apply(tf.data.experimental.assert_cardinality(len(batches)))
+    return data.prefetch(tf.data.AUTOTUNE)

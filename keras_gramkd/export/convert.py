@@ -144,6 +144,11 @@ def _onnx_int8(src, dst, calibration):
             activation_type=q.QuantType.QInt8,
             weight_type=q.QuantType.QInt8,
             per_channel=True,
+            # 7-bit weights: x86 CPUs without VNNI (AVX2, AVX-512) saturate
+            # int8 x int8 products, as onnxruntime's quantisation guide says
+            # for per-channel weights. On the README's student on such a CPU
+            # it cut rms/std from 0.117 to 0.017.
+            reduce_range=True,
         )
     finally:
         pre.unlink(missing_ok=True)
