@@ -156,6 +156,16 @@ def test_a_format_the_child_process_lacks_fails_before_converting(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "version, here", [("3.14.1", False), ("3.15.0", True), ("4.0.0", True)]
+)
+def test_torch_writes_onnx_here_from_keras_3_15(monkeypatch, version, here):
+    """Keras 3.14's torch backend refuses dict inputs in export_onnx: there the
+    ONNX file is written in the TensorFlow child process."""
+    monkeypatch.setattr(keras, "version", lambda: version)
+    assert gx.get_format("onnx").converts_in_process("torch") is here
+
+
 def test_the_built_in_records():
     assert gx.FORMATS == gx.format_names() == ("tflite", "onnx")
     assert gx.QUANTIZATIONS == (None, "float16", "dynamic", "int8")
@@ -164,7 +174,7 @@ def test_the_built_in_records():
     assert tflite.quantize_file is None and onnx.quantize_file is not None
     assert tflite.converts_in_process("tensorflow")
     assert not tflite.converts_in_process("torch")
-    assert onnx.converts_in_process("torch")
+    assert onnx.converts_in_process("torch") == formats.torch_onnx_takes_dicts()
     for fmt in (tflite, onnx):
         assert in_process_supported(fmt.name) == fmt.converts_in_process()
     with pytest.raises(ValueError, match=r"x\.bin: expected a \.tflite or \.onnx"):

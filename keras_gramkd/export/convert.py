@@ -23,7 +23,8 @@ def in_process_supported(fmt):
 
     The backends are the format's `ExportFormat.in_process`: TFLite only under
     TensorFlow (its quantisation uses the TensorFlow converter, which Keras'
-    torch route, litert-torch, does not offer), ONNX under TensorFlow, torch,
+    torch route, litert-torch, does not offer), ONNX under TensorFlow, torch
+    (Keras 3.15 and later: `formats.torch_onnx_takes_dicts`),
     and JAX with jax2onnx installed.
     """
     from keras_gramkd.export.formats import get_format

@@ -47,7 +47,8 @@ class ExportFormat:
         runtime: The package the runner runs the file in, as the report names
             it (e.g. `"onnxruntime"`).
         aliases: Other names accepted for the format, e.g. `("litert",)`.
-        in_process: `{Keras backend: module it also needs, or None}`: the
+        in_process: `{Keras backend: None, a module it also needs, or a
+            function of no argument that says whether this Keras can}`: the
             backends that convert the format in this process. From any other
             backend the file is written in a TensorFlow child process, which
             knows the formats this module registers at import.
@@ -92,8 +93,10 @@ class ExportFormat:
         backend = backend or keras.backend.backend()
         if backend not in self.in_process:
             return False
-        module = self.in_process[backend]
-        return module is None or importlib.util.find_spec(module) is not None
+        need = self.in_process[backend]
+        if callable(need):
+            return need()
+        return need is None or importlib.util.find_spec(need) is not None
 
     def conversion_quantizations(self, quantizations):
         """The quantisations the converter writes for `quantizations` asked."""
@@ -103,6 +106,14 @@ class ExportFormat:
 
 
 _REGISTRY = {}
+
+
+def torch_onnx_takes_dicts():
+    """Whether Keras' torch backend exports ONNX from dict inputs (every
+    multi-modal student's): from Keras 3.15; Keras 3.14 refuses them, so there
+    the file is written in a TensorFlow child process."""
+    major, minor = (int(part) for part in keras.version().split(".")[:2])
+    return (major, minor) >= (3, 15)
 
 
 def format_names():
@@ -231,7 +242,11 @@ register_format(
         convert=convert_onnx,
         runner=ONNXRunner,
         runtime="onnxruntime",
-        in_process={"tensorflow": None, "torch": None, "jax": "jax2onnx"},
+        in_process={
+            "tensorflow": None,
+            "torch": torch_onnx_takes_dicts,
+            "jax": "jax2onnx",
+        },
         requires=(("onnxruntime", "ONNX export and verification"),),
         quantizations=QUANTIZATIONS,
         quantize_file=quantize_onnx,
