@@ -564,7 +564,8 @@ def _as_tf_dataset(batches, tf):
         return tf.nest.flatten(batches[int(index)])
 
     def batch(index):
-        tensors = tf.numpy_function(read, [index], dtypes, stateful=False)
+        # stateful: which rows an index reads depends on the pass's order.
+        tensors = tf.numpy_function(read, [index], dtypes, stateful=True)
         for tensor, array in zip(tensors, flat, strict=True):
             tensor.set_shape((None,) + array.shape[1:])
         return tf.nest.pack_sequence_as(first, tensors)
