@@ -30,6 +30,8 @@ VARIANTS = {
     "d": ("KD + Gram", "keras_gramkd.Distiller, KD + Gram"),
     "e": ("KD + Gram, cached", "(d) from the teacher cache (keras_gramkd.cache)"),
     "kd_only": ("KD only", "keras_gramkd.Distiller with gram_weight=0"),
+    "d_unchecked": ("KD + Gram, unchecked", "(d) with on_bad_sample='unchecked'"),
+    "e_unchecked": ("cached, unchecked", "(e) with on_bad_sample='unchecked'"),
     "stack_only": (
         "KD + features, no Gram",
         "(d) with a zero loss of the stacked features: no Gram arithmetic",
@@ -408,8 +410,9 @@ def build_variant(case, name, jit_compile="auto"):
             gram_weight=0.0 if name == "kd_only" else 1.0,
             temperature=TEMPERATURE,
             gram_loss=gram_loss,
+            on_bad_sample="unchecked" if name.endswith("_unchecked") else "raise",
         )
-        if name == "e":
+        if name in ("e", "e_unchecked"):
             x, note = _cached_inputs(model, case)
     model.compile(keras.optimizers.Adam(1e-3), _sparse_ce(), jit_compile=jit_compile)
     counters = {"student": counter_of(student), "teacher": counter_of(case.teacher)}

@@ -1,7 +1,7 @@
 """Operations in one training step of each variant, and where they come from.
 
     python benchmarks/step_ops.py [--backend tensorflow|jax|torch] [--json PATH]
-        [--variants a,d,e,kd_only] [--views pix,fou,...]
+        [--variants a,d,e,kd_only,d_unchecked,e_unchecked] [--views pix,...]
 
 The fixed cost of a step, counted rather than timed (counts do not depend on
 the machine's load): on PyTorch the aten operations one eager step dispatches,
@@ -17,7 +17,7 @@ import collections
 import os
 import traceback
 
-VARIANTS = ("a", "d", "e", "kd_only")
+VARIANTS = ("a", "d", "e", "kd_only", "d_unchecked", "e_unchecked")
 
 
 def parse_args(argv=None):

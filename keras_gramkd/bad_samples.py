@@ -122,8 +122,9 @@ def mask_values_ok(mask):
 
 
 def where_samples(ok, tensor, fill=0.0):
-    """`tensor` with the samples where `ok` is False replaced by `fill`."""
-    if len(tensor.shape) == 0:
+    """`tensor` with the samples where `ok` is False replaced by `fill`
+    (unchanged where `ok` is None: no check made)."""
+    if ok is None or len(tensor.shape) == 0:
         return tensor
     shape = (-1,) + (1,) * (len(tensor.shape) - 1)
     keep = ops.reshape(ok, shape)
@@ -187,6 +188,18 @@ class DataGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.batches += 1
         logs = logs or {}
+        if self.on_bad_sample == "unchecked":
+            if not math.isfinite(float(logs.get("loss", 0.0))):
+                raise ValueError(
+                    f"The loss became NaN or inf in epoch {self.epoch + 1} up "
+                    f"to batch {batch + 1}. The Distiller was built with "
+                    "on_bad_sample='unchecked', so its step checks nothing: a "
+                    "NaN or inf input, weight or output, or a label outside "
+                    "[0, classes), has reached the loss and may have reached "
+                    "the weights. Build it with on_bad_sample='raise' (the "
+                    "default) to find such samples and leave them out."
+                )
+            return
         bad_terms = [
             name
             for name in self.term_names

@@ -33,11 +33,11 @@ loss comes out NaN or inf (an overflow inside a network). It is left out of
 the step: its inputs are zeroed, every value of it is replaced by 0 with
 `where` (so no NaN·0 reaches the gradient) and its weight is 0; it is counted
 in the `skipped_samples` metric and, in `evaluate`, left out of the compiled
-metrics. With
-`on_bad_sample="raise"` (the default) `fit` then stops with an error after
-that step; with `"skip"` it goes on. (An overflow inside the student's own
-layers is counted too, but its backward pass is NaN already: see
-docs/guide/bad-input.md.)
+metrics. With `on_bad_sample="raise"` (the default) `fit` then stops with an
+error after that step; with `"skip"` it goes on. (An overflow inside the
+student's own layers is counted too, but its backward pass is NaN already: see
+docs/guide/bad-input.md.) `on_bad_sample="unchecked"` leaves this guard out of
+the step.
 
 Every loss value is Keras' "sum_over_batch_size": sum(w · per-sample loss) /
 batch size, for the task loss and every term alike.
@@ -91,7 +91,7 @@ from keras_gramkd.terms import check_weight, target_key
 
 __all__ = ["BAD_SAMPLE_POLICIES", "MODALITY_MASK_KEY", "Distiller"]
 
-BAD_SAMPLE_POLICIES = ("raise", "skip")
+BAD_SAMPLE_POLICIES = ("raise", "skip", "unchecked")
 
 
 class _StudentPass(NamedTuple):
@@ -135,9 +135,10 @@ class _StepMetrics(keras.metrics.Metric):
     skipped samples. One update per step for all of them (a metric per value
     costs several operations per update and per result)."""
 
-    def __init__(self, loss_names, name="distiller_metrics"):
+    def __init__(self, loss_names, counts_skipped=True, name="distiller_metrics"):
         super().__init__(name=name)
         self.loss_names = list(loss_names)
+        self.counts_skipped = counts_skipped
         self.totals = self.add_variable(
             shape=(len(self.loss_names),), initializer="zeros", name="totals"
         )
@@ -154,8 +155,10 @@ class _StepMetrics(keras.metrics.Metric):
         self.skipped.assign_add(skipped)
 
     def result(self):
-        means = ops.divide_no_nan(self.totals, self.count)
+        means = self.totals / ops.maximum(self.count, 1.0)  # count: 0 or ≥ 1
         results = {name: means[i] for i, name in enumerate(self.loss_names)}
+        if not self.counts_skipped:
+            return results
         return {**results, "skipped_samples": ops.cast(self.skipped, self.dtype)}
 
 
@@ -200,7 +203,11 @@ class Distiller(keras.Model):
             a label that is not a class; see the module docstring);
             `"skip"` leaves such samples out and goes on. Either way
             they are counted in the `skipped_samples` metric and never reach
-            the weights.
+            the weights. `"unchecked"` is the step without this guard, for
+            data known to be clean: the fewest operations per step, the same
+            values on clean data, no `skipped_samples` metric; a bad sample
+            then reaches the loss and the weights, and `fit` stops with an
+            error (docs/guide/bad-input.md).
         **kwargs: `keras.Model` arguments (`name`, `dtype`).
 
     Inputs: a dict of arrays (each network gets the keys its inputs declare,
@@ -296,11 +303,17 @@ class Distiller(keras.Model):
         self.modality_names = self._active.modality_names
 
         task_metric = ["task_loss"] if self.task_weight > 0 else []
+        checked = on_bad_sample != "unchecked"
         self.step_metrics = _StepMetrics(
-            task_metric + [f"{term.name}_loss" for term in self._active]
+            task_metric + [f"{term.name}_loss" for term in self._active],
+            counts_skipped=checked,
         )
-        self._guard = StepGuard(
-            self._teacher, self._student, checks_mask=bool(self.modality_names)
+        self._guard = (
+            StepGuard(
+                self._teacher, self._student, checks_mask=bool(self.modality_names)
+            )
+            if checked
+            else None
         )
         self._step = _StepState()
         self._task = TaskLoss(None)  # set by compile
@@ -516,7 +529,8 @@ class Distiller(keras.Model):
             # variables would have no value).
             self._teacher.forward(inputs, False)
         inputs_ok = None
-        if training:  # clean before the forward pass: no NaN in the gradient
+        if training and self._guard:  # cleaned before the forward pass: no
+            # NaN reaches the gradient
             inputs_ok, inputs = self._guard.clean_inputs(inputs)
         logits, features, mask = self._student.forward(inputs, training)
         self._step.student = _StudentPass(logits, features, mask, inputs_ok, inputs)
@@ -546,39 +560,48 @@ class Distiller(keras.Model):
 
         # 2. The guard: the rows the data allows; the teacher's forward pass
         # (unless its targets are cached) on them; the rows whose outputs and
-        # task loss came out finite.
+        # task loss came out finite. Unchecked, every row is kept (ok None).
         task = self._task if self.task_weight > 0 else None
         cached = self._active.cached_targets(x)
         teacher_runs = cached is None and bool(self._active)
-        ok = self._guard.data_rows(
-            x, y, y_pred, sample_weight, task, teacher_runs, student.inputs_ok
-        )
-        teacher = None
-        if teacher_runs:
-            batch = self._guard.teacher_batch(x, ok, student.inputs_ok, student.inputs)
-            teacher = self._teacher.forward(batch, training=False)[:2]
-        ok = self._guard.output_rows(ok, student.features, teacher, cached)
-        values = None
-        if task is not None and y is not None:
-            ok, values = task.check_rows(y, y_pred, ok)
+        ok, values, teacher = None, None, None
+        if self._guard is None:
+            if teacher_runs:
+                batch = self._teacher.select_inputs(x)
+                teacher = self._teacher.forward(batch, training=False)[:2]
+        else:
+            ok = self._guard.data_rows(
+                x, y, y_pred, sample_weight, task, teacher_runs, student.inputs_ok
+            )
+            if teacher_runs:
+                batch = self._guard.teacher_batch(
+                    x, ok, student.inputs_ok, student.inputs
+                )
+                teacher = self._teacher.forward(batch, training=False)[:2]
+            ok = self._guard.output_rows(ok, student.features, teacher, cached)
+            if task is not None and y is not None:
+                ok, values = task.check_rows(y, y_pred, ok)
 
         # 3. The bad rows left out with where() (never NaN·0) and weight 0.
         def drop(tree):
-            if tree is None:
-                return None
+            if tree is None or ok is None:
+                return tree
             return keras.tree.map_structure(lambda v: where_samples(ok, v), tree)
 
-        if isinstance(x, dict) and x.get(MODALITY_MASK_KEY) is not None:
-            # The only key of x read below (inputs went to the networks above).
-            x = {**x, MODALITY_MASK_KEY: where_samples(ok, x[MODALITY_MASK_KEY])}
-        # 1/C, not 0: a skipped row must give a finite loss even where the
-        # task loss takes probabilities (0/0 in a from_logits=False CE).
-        y_pred = where_samples(ok, y_pred, fill=1.0 / y_pred.shape[-1])
-        weight = (
-            ops.cast(ok, "float32")
-            if sample_weight is None
-            else where_samples(ok, sample_weight)
-        )
+        weight = sample_weight
+        if ok is not None:
+            if isinstance(x, dict) and x.get(MODALITY_MASK_KEY) is not None:
+                # The only key of x read below (inputs went to the networks).
+                mask = where_samples(ok, x[MODALITY_MASK_KEY])
+                x = {**x, MODALITY_MASK_KEY: mask}
+            # 1/C, not 0: a skipped row must give a finite loss even where the
+            # task loss takes probabilities (0/0 in a from_logits=False CE).
+            y_pred = where_samples(ok, y_pred, fill=1.0 / y_pred.shape[-1])
+            weight = (
+                ops.cast(ok, "float32")
+                if sample_weight is None
+                else where_samples(ok, sample_weight)
+            )
 
         # 4. The task loss and each term's, weighted and summed.
         weights, losses = [], []
@@ -595,12 +618,14 @@ class Distiller(keras.Model):
                     weight,
                     drop(teacher),
                     drop(cached),
+                    guard_gradients=self._guard is not None,
                 )
             )
         losses = [ops.cast(value, "float32") for value in losses]
-        total = ops.zeros((), dtype="float32")
-        for w, value in zip(weights, losses, strict=True):
-            total = total + w * value
+        weighted = [w * value for w, value in zip(weights, losses, strict=True)]
+        total = weighted[0] if weighted else ops.zeros((), dtype="float32")
+        for value in weighted[1:]:
+            total = total + value
         for extra in self.losses:  # the student's regularisation losses
             # Summed and scaled for replicas, as Keras' TensorFlow trainer does.
             total = total + scale_for_replicas(ops.sum(ops.cast(extra, "float32")))
@@ -622,7 +647,7 @@ class Distiller(keras.Model):
         undivided values, as Keras' do.
         """
         batch = ops.cast(ops.shape(y_pred)[0], "float32")
-        skipped = batch - ops.sum(ops.cast(ok, "float32"))
+        skipped = 0.0 if ok is None else batch - ops.sum(ops.cast(ok, "float32"))
         self.step_metrics.update_state(
             [unscale_for_replicas(value) for value in losses], batch, skipped
         )
@@ -630,6 +655,10 @@ class Distiller(keras.Model):
     def _update_compiled_metrics(self, x, y, y_pred, sample_weight, ok):
         """Updates Keras' compiled metrics with the skipped rows left out
         (weight 0, and a Keras mask that unweighted metrics honour)."""
+        if ok is None:  # unchecked: every row
+            super().compute_metrics(x, y, y_pred, sample_weight)
+            self._step.metrics_updated = True
+            return
         y_pred = self._skipped_rows((y_pred, ok))
         if y is not None:
             y = keras.tree.map_structure(lambda v: where_samples(ok, v), y)

@@ -131,7 +131,8 @@ class TaskLoss:
         return ok, values if self.gradient_safe() else None
 
     def __call__(self, y, y_pred, sample_weight, ok, values=None):
-        """The reduced loss of the rows where `ok`, from `values` if given."""
+        """The reduced loss of the rows where `ok` (every row where `ok` is
+        None), from `values` if given."""
         if y is None:
             raise ValueError(
                 "The batch has no labels, but task_weight > 0. Give (x, y) "
@@ -146,8 +147,8 @@ class TaskLoss:
         # A copy: with a masked loss (ignore_class) Keras' apply_mask does
         # `sample_weight *= mask`, in place on PyTorch, which would reweigh
         # the terms that follow.
+        if sample_weight is not None:
+            sample_weight = ops.copy(sample_weight)
         if values is not None:  # reduced as the task loss reduces its own
-            return self._reducer(
-                ops.cast(ok, values.dtype), values, ops.copy(sample_weight)
-            )
-        return self.loss(where_samples(ok, y), y_pred, ops.copy(sample_weight))
+            return self._reducer(ops.cast(ok, values.dtype), values, sample_weight)
+        return self.loss(where_samples(ok, y), y_pred, sample_weight)

@@ -296,12 +296,23 @@ class ActiveTerms:
             )
         return targets
 
-    def losses(self, x, student, student_mask, sample_weight, teacher, cached):
+    def losses(
+        self,
+        x,
+        student,
+        student_mask,
+        sample_weight,
+        teacher,
+        cached,
+        guard_gradients=True,
+    ):
         """Each term's loss, from cached targets or the teacher's outputs.
 
         `student` and `teacher` are (logits, {path: feature}); `cached` the
-        batch's targets (`cached_targets`) or None.
+        batch's targets (`cached_targets`) or None. With `guard_gradients`, a
+        term whose gradient is not finite adds nothing to the student's.
         """
+        guard = kd_ops.finite_gradient if guard_gradients else _identity
         mask = self.batch_mask(x, student_mask) if self.uses_mask else None
         if cached is None:
             cached = self.teacher_targets(teacher, mask)
@@ -309,13 +320,10 @@ class ActiveTerms:
         pooled, losses = {}, []
         for term in self.terms:
             targets = {k: ops.stop_gradient(v) for k, v in cached[term.name].items()}
-            # A term whose gradient is not finite adds nothing to the student's.
             view = _spec_view(term.student_spec(), features, pooled)
             outputs = NetworkOutputs(
-                kd_ops.finite_gradient(logits),
-                None
-                if view is None
-                else keras.tree.map_structure(kd_ops.finite_gradient, view),
+                guard(logits),
+                None if view is None else keras.tree.map_structure(guard, view),
             )
             term_mask = self._term_mask(term, mask)
             variables = len(term.variables)
@@ -332,6 +340,10 @@ class ActiveTerms:
                 )
             losses.append(_checked_loss(term, value))
         return losses
+
+
+def _identity(tensor):
+    return tensor
 
 
 def _checked_loss(term, value):

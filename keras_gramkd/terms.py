@@ -321,8 +321,10 @@ class KDTerm(DistillationTerm):
         return {"logits": teacher.logits}
 
     def loss(self, targets, student, sample_weight=None, mask=None):
-        return self.kd_loss(
-            targets["logits"], student.logits, sample_weight=sample_weight
+        # LogitKD's per-sample values, reduced as every term reduces (the
+        # value of LogitKD's own call, in fewer operations than Keras' Loss).
+        return self.reduce(
+            self.kd_loss.call(targets["logits"], student.logits), sample_weight
         )
 
     def get_config(self):
