@@ -199,6 +199,33 @@ def test_shard_read_compares_storages_pipelines_fit_and_memory(tmp_path):
     assert [p["in_memory_cache_mib"] > 0 for p in memory] == [True, False] * 2
 
 
+def test_step_ops_counts_the_guard(tmp_path):
+    """benchmarks/step_ops.py: the unchecked step dispatches fewer operations
+    than the guarded one, and both more than the student alone."""
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    out = tmp_path / "step_ops.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "step_ops.py"), "--backend", backend]
+        + ["--variants", "a,e,e_unchecked", "--views", "pix,fou", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    variants = json.loads(out.read_text())["variants"]
+    totals = {name: variants[name]["total"] for name in ("a", "e", "e_unchecked")}
+    assert totals["a"] < totals["e_unchecked"] < totals["e"], totals
+    for variant in variants.values():
+        assert variant["total"] == sum(variant["pieces"].values())
+    if backend == "torch":  # each operation attributed to where it came from
+        assert {"backward", "optimizer"} <= set(variants["e"]["pieces"])
+        assert any(p.startswith("bad_samples.py") for p in variants["e"]["pieces"])
+        assert not any(
+            p.startswith("bad_samples.py") for p in variants["e_unchecked"]["pieces"]
+        )
+
+
 def test_gpu_script_dry_run(tmp_path):
     """benchmarks/gpu.sh --dry-run: the GPU pipeline on the CPU at tiny sizes."""
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
