@@ -67,9 +67,11 @@ if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 BACKEND = os.environ.get("KERAS_BACKEND")
-# One process of a multi-worker group: one CPU device, not two.
+# One process of a multi-worker group: one CPU device, not two. Imported by a
+# test (for its helpers) nothing is configured: TensorFlow's devices cannot
+# change once a test before it has run an operation.
 WORKER = sys.argv[1:2] in (["--worker"], ["--worker-loop"])
-if BACKEND == "tensorflow" and not WORKER:
+if BACKEND == "tensorflow" and not WORKER and __name__ == "__main__":
     import tensorflow as tf
 
     _cpu = tf.config.list_physical_devices("CPU")[0]
