@@ -529,8 +529,8 @@ class Distiller(keras.Model):
             # variables would have no value).
             self._teacher.forward(inputs, False)
         inputs_ok = None
-        if training and self._guard:  # cleaned before the forward pass: no
-            # NaN reaches the gradient
+        if training and self._guard is not None:
+            # Cleaned before the forward pass: no NaN reaches the gradient.
             inputs_ok, inputs = self._guard.clean_inputs(inputs)
         logits, features, mask = self._student.forward(inputs, training)
         self._step.student = _StudentPass(logits, features, mask, inputs_ok, inputs)
@@ -564,21 +564,20 @@ class Distiller(keras.Model):
         task = self._task if self.task_weight > 0 else None
         cached = self._active.cached_targets(x)
         teacher_runs = cached is None and bool(self._active)
-        ok, values, teacher = None, None, None
-        if self._guard is None:
-            if teacher_runs:
-                batch = self._teacher.select_inputs(x)
-                teacher = self._teacher.forward(batch, training=False)[:2]
-        else:
-            ok = self._guard.data_rows(
+        guard, ok, values, teacher = self._guard, None, None, None
+        if guard is not None:
+            ok = guard.data_rows(
                 x, y, y_pred, sample_weight, task, teacher_runs, student.inputs_ok
             )
-            if teacher_runs:
-                batch = self._guard.teacher_batch(
-                    x, ok, student.inputs_ok, student.inputs
-                )
-                teacher = self._teacher.forward(batch, training=False)[:2]
-            ok = self._guard.output_rows(ok, student.features, teacher, cached)
+        if teacher_runs:
+            batch = (
+                self._teacher.select_inputs(x)
+                if guard is None
+                else guard.teacher_batch(x, ok, student.inputs_ok, student.inputs)
+            )
+            teacher = self._teacher.forward(batch, training=False)[:2]
+        if guard is not None:
+            ok = guard.output_rows(ok, student.features, teacher, cached)
             if task is not None and y is not None:
                 ok, values = task.check_rows(y, y_pred, ok)
 
