@@ -33,7 +33,7 @@ def weights_of(distiller):
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_clean_data_trains_the_same_weights_as_the_guarded_step(weighted):
+def test_clean_data_gives_the_losses_and_metrics_of_the_guarded_step(weighted):
     x, y = make_data(n=48)
     sample_weight = np.linspace(0.5, 2.0, 48).astype("float32") if weighted else None
     histories = [
