@@ -653,20 +653,18 @@ class Distiller(keras.Model):
 
     def _update_compiled_metrics(self, x, y, y_pred, sample_weight, ok):
         """Updates Keras' compiled metrics with the skipped rows left out
-        (weight 0, and a Keras mask that unweighted metrics honour)."""
-        if ok is None:  # unchecked: every row
-            super().compute_metrics(x, y, y_pred, sample_weight)
-            self._step.metrics_updated = True
-            return
-        y_pred = self._skipped_rows((y_pred, ok))
-        if y is not None:
-            y = keras.tree.map_structure(lambda v: where_samples(ok, v), y)
-        weight = (
-            ops.cast(ok, "float32")
-            if sample_weight is None
-            else where_samples(ok, sample_weight)
-        )
-        super().compute_metrics(x, y, y_pred, weight)
+        (weight 0, and a Keras mask that unweighted metrics honour); every
+        row where `ok` is None (the unchecked step)."""
+        if ok is not None:
+            y_pred = self._skipped_rows((y_pred, ok))
+            if y is not None:
+                y = keras.tree.map_structure(lambda v: where_samples(ok, v), y)
+            sample_weight = (
+                ops.cast(ok, "float32")
+                if sample_weight is None
+                else where_samples(ok, sample_weight)
+            )
+        super().compute_metrics(x, y, y_pred, sample_weight)
         self._step.metrics_updated = True
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
